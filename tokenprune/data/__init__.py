@@ -1,0 +1,5 @@
+"""Datasets and scorers."""
+
+from .sample import Sample, VideoFrames
+
+__all__ = ["Sample", "VideoFrames"]

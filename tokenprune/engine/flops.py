@@ -1,0 +1,99 @@
+"""Analytic prefill FLOPs of the text decoder from its config and the per-layer token counts.
+
+Two families of conventions, both reported so that paper tables can be reproduced:
+
+* ``tokenprune``: every decoder token; q/k/v/o projections with GQA, causal attention scores and values
+  (query i sees i + 1 keys), gated MLP (three matrices); a multiply-add counts 2 FLOPs; decoder layers only
+  (no embedding, final norm or LM head).
+* paper conventions, per layer ``4 n d^2 + 2 n^2 d + c n d m`` (MHA projections, full n x n attention):
+  ``fastv`` (c = 2, n = all prompt tokens, FastV paper Sec. 4.2), ``pdrop`` (c = 3, n = image tokens
+  only, PyramidDrop paper Sec. 4.1) and ``himap`` (c = 2, n = image tokens only, HiMAP's reconstruction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+PAPER_CONVENTIONS = {
+    # name: (FFN matrices c, counts image tokens only)
+    "fastv": (2, False),
+    "pdrop": (3, True),
+    "himap": (2, True),
+}
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+
+    @classmethod
+    def from_config(cls, text_config) -> "DecoderShape":
+        heads = text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        return cls(
+            hidden=text_config.hidden_size,
+            intermediate=text_config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            layers=text_config.num_hidden_layers,
+        )
+
+
+def causal_key_sum(n: int) -> int:
+    """Σ keys over the n queries of a causal prefill: n (n + 1) / 2."""
+    return n * (n + 1) // 2
+
+
+def layer_flops(shape: DecoderShape, tokens: int, attention_query_rows: int | None = None,
+                attention_key_sum: int | None = None, mlp_rows: int | None = None) -> float:
+    """tokenprune FLOPs of one prefill layer with ``tokens`` rows.
+
+    Layer skip: only ``attention_query_rows`` rows (with ``attention_key_sum`` keys in total) are attention
+    queries, only ``mlp_rows`` rows run the MLP; keys and values are projected for every row.
+    """
+    q_width = shape.heads * shape.head_dim
+    kv_width = shape.kv_heads * shape.head_dim
+    query_rows = tokens if attention_query_rows is None else attention_query_rows
+    key_sum = causal_key_sum(tokens) if attention_key_sum is None else attention_key_sum
+    mlp_rows = tokens if mlp_rows is None else mlp_rows
+    kv_projection = 2 * tokens * shape.hidden * 2 * kv_width
+    q_o_projection = 2 * query_rows * shape.hidden * 2 * q_width
+    attention = 4 * q_width * key_sum  # scores + weighted values
+    mlp = 2 * mlp_rows * shape.hidden * shape.intermediate * 3
+    return float(kv_projection + q_o_projection + attention + mlp)
+
+
+def prefill_flops(shape: DecoderShape, layer_tokens: Sequence[int]) -> float:
+    """tokenprune FLOPs of a prefill whose layer l sees ``layer_tokens[l]`` tokens."""
+    if len(layer_tokens) != shape.layers:
+        raise ValueError(f"need one token count per decoder layer ({shape.layers}), got {len(layer_tokens)}")
+    return sum(layer_flops(shape, n) for n in layer_tokens)
+
+
+def paper_layer_flops(n: float, hidden: int, intermediate: int, ffn_matrices: int) -> float:
+    """``4 n d^2 + 2 n^2 d + c n d m``."""
+    return 4 * n * hidden**2 + 2 * n**2 * hidden + ffn_matrices * n * hidden * intermediate
+
+
+def paper_flops(shape: DecoderShape, convention: str, layer_tokens: Sequence[int], layer_visual: Sequence[int]) -> float:
+    """A paper's FLOPs convention summed over layers (``fastv``, ``pdrop`` or ``himap``)."""
+    if convention not in PAPER_CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; choose from {sorted(PAPER_CONVENTIONS)}")
+    ffn_matrices, image_only = PAPER_CONVENTIONS[convention]
+    counts = layer_visual if image_only else layer_tokens
+    return sum(paper_layer_flops(n, shape.hidden, shape.intermediate, ffn_matrices) for n in counts)
+
+
+def all_conventions(shape: DecoderShape, layer_tokens: Sequence[int], layer_visual: Sequence[int]) -> dict[str, float]:
+    """Every convention at once, as recorded per sample by the runner."""
+    result = {"tokenprune": prefill_flops(shape, layer_tokens)}
+    for convention in PAPER_CONVENTIONS:
+        result[convention] = paper_flops(shape, convention, layer_tokens, layer_visual)
+    return result

@@ -1,0 +1,21 @@
+"""Named models: the tiny architectures shipped with the package and the real checkpoints' architectures."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ..base import ModelSpec, register_model
+from .real import llava15_config, qwen25vl_config
+from .tiny import tiny_llava_config, tiny_llava_processor, tiny_qwen25vl_config, tiny_qwen25vl_processor
+
+register_model(ModelSpec("tiny_llava", "llava", None, tiny_llava_config, random_processor=tiny_llava_processor,
+                         description="tiny LLaVA (CLIP + Llama) for tests and the embedded default"))
+register_model(ModelSpec("tiny_qwen25vl", "qwen25vl", None, tiny_qwen25vl_config,
+                         random_processor=tiny_qwen25vl_processor,
+                         description="tiny Qwen2.5-VL (windowed ViT + Qwen2, mRoPE) for tests and the default"))
+for _size in ("7b", "13b"):
+    register_model(ModelSpec(f"llava15_{_size}", "llava", f"llava-hf/llava-1.5-{_size}-hf",
+                             partial(llava15_config, _size), description=f"LLaVA-1.5-{_size.upper()}"))
+for _size in ("3b", "7b", "32b"):
+    register_model(ModelSpec(f"qwen25vl_{_size}", "qwen25vl", f"Qwen/Qwen2.5-VL-{_size.upper()}-Instruct",
+                             partial(qwen25vl_config, _size), description=f"Qwen2.5-VL-{_size.upper()}-Instruct"))
