@@ -393,7 +393,7 @@ class Driver:
         layout = state.layouts[b] if full else state.layouts[b].gather(keep)
         sample_hidden = hidden[b : b + 1] if full else hidden[b : b + 1, keep]
         positions = state.positions[b : b + 1] if full else state.positions[b : b + 1, :, keep]
-        cos, sin = position_embeddings
+        cos, sin = (table.expand(hidden.shape[0], -1, -1) for table in position_embeddings)  # [B, L, hd]
         tables = (cos[b : b + 1], sin[b : b + 1]) if full else (cos[b : b + 1, keep], sin[b : b + 1, keep])
         saved = state.saved_inputs.get(index - 1)
         previous = None if saved is None else (saved[b : b + 1] if full else saved[b : b + 1, keep])

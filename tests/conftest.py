@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models of both families (fp32, CPU), deterministic samples."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tokenprune as tp  # noqa: E402
+
+FAMILIES = ["tiny_llava", "tiny_qwen25vl"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_image(seed: int, size=(168, 168)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def make_sample(seed: int = 0, question: str = "what colour is the square at the top left ?", size=(168, 168)):
+    return tp.Sample(id=str(seed), question=question, images=[make_image(seed, size)])
+
+
+@lru_cache(maxsize=None)
+def _load(name: str, attn: str, layers: int):
+    vlm = tp.load_model(name, weights="random", device="cpu", attn_implementation=attn)
+    if layers != 6:
+        # same family, more layers: rebuild the model from a config with `layers` decoder layers
+        config = tp.models.model_spec(name).random_config(layers=layers)
+        vlm.model = vlm.adapter.build_random(config, torch.float32, attn, seed=0).eval()
+    with torch.no_grad():  # transformers installs its output-capturing hooks on the first call
+        vlm.model(**vlm.prepare(make_sample(0)))
+    return vlm
+
+
+def tiny_vlm(name: str, attn: str = "sdpa", layers: int = 6):
+    """A cached tiny random VLM (fp32). Tests must not modify it (apply() always restores it)."""
+    return _load(name, attn, layers)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def stock_logits(vlm, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return vlm.model(**inputs).logits
+
+
+def hook_snapshot(module) -> dict:
+    """Every forward hook and instance-level forward of every submodule (transformers installs a few of its own
+    output-capturing hooks on first use; tokenprune must leave exactly what it found)."""
+    return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), "forward" in m.__dict__)
+            for name, m in module.named_modules()}

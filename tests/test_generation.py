@@ -1,0 +1,168 @@
+"""Done-when 3, 4, 5 and 7: cached decoding, per-layer cache lengths, 3-D positions, batches."""
+
+import pytest
+import torch
+
+import tokenprune as tp
+from conftest import make_sample, stock_logits, tiny_vlm
+from helpers import Replay
+from tokenprune.engine.driver import PruningInputError
+
+METHODS = [
+    ("fastv", {"layer": 2, "keep_ratio": 0.25}),
+    ("pdrop", {"layers": [1, 3, 5], "ratios": [0.5, 0.25, 0.125]}),
+    ("uniform", {"keep_ratio": 0.25, "layer": 1}),
+]
+NEW_TOKENS = 8
+
+
+def _generate(vlm, inputs, method, fields):
+    with torch.no_grad(), tp.apply(vlm.model, method, **fields) as session:
+        out = vlm.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+    return out, session.last_report
+
+
+@pytest.mark.parametrize("name,fields", METHODS, ids=[m for m, _ in METHODS])
+def test_cached_generation_equals_recomputing_the_pruned_prefill(family, name, fields):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(11))
+    out, report = _generate(vlm, inputs, name, fields)
+    prompt_length = inputs["input_ids"].shape[1]
+    replay = Replay(kept=report.kept)
+    for step in range(NEW_TOKENS):
+        extended = dict(inputs)
+        extended["input_ids"] = out.sequences[:, : prompt_length + step]
+        extended["attention_mask"] = torch.ones_like(extended["input_ids"])
+        if "mm_token_type_ids" in extended:
+            extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+        with torch.no_grad(), tp.apply(vlm.model, replay):
+            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]  # the whole pruned prefill again
+        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences
+        assert int(recomputed.argmax()) == int(out.sequences[0, prompt_length + step])
+
+
+@pytest.mark.parametrize("name,fields", METHODS, ids=[m for m, _ in METHODS])
+def test_kv_cache_lengths_follow_the_schedule(family, name, fields):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(12))
+    layout = inputs.layout
+    with torch.no_grad(), tp.apply(vlm.model, name, **fields) as session:
+        out = vlm.model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
+        # one decode step: every layer grows by exactly one
+        next_token = out.logits[:, -1:].argmax(-1)
+        vlm.model(input_ids=next_token, past_key_values=cache, use_cache=True)
+        grown = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
+    report = session.last_report
+    expected = [layout.length - layout.num_visual + visual for visual in report.layer_visual]
+    assert lengths == expected
+    assert grown == [n + 1 for n in lengths]
+
+
+def test_pdrop_cache_schedule_by_hand():
+    vlm = tiny_vlm("tiny_llava", layers=8)
+    inputs = vlm.prepare(make_sample(13))
+    L, N = inputs.layout.length, inputs.layout.num_visual  # N = 36 visual tokens
+    with torch.no_grad(), tp.apply(vlm.model, "pdrop", layers=[2, 4, 6], ratios=[0.5, 0.25, 0.125]):
+        cache = vlm.model(**inputs, use_cache=True).past_key_values
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    assert lengths == [L] * 2 + [L - 18] * 2 + [L - 27] * 2 + [L - 32] * 2  # floor(36 r): 18, 9, 4
+
+
+def _spy_tables(layer_module, store):
+    def hook(module, args, kwargs):
+        store.append(tuple(t.clone() for t in kwargs["position_embeddings"]))
+    return layer_module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_qwen_survivors_keep_their_3d_positions_and_decode_continues():
+    vlm = tiny_vlm("tiny_qwen25vl")
+    inputs = vlm.prepare(make_sample(14))
+    text_model = vlm.adapter.text_model(vlm.model)
+    outer = vlm.adapter.outer_model(vlm.model)
+    full_positions, deltas = outer.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  image_grid_thw=inputs["image_grid_thw"])  # [3, 1, L]
+    # the image really has 2-D positions (h and w differ from t), so gathering them is non-trivial
+    visual = inputs.layout.visual_rows()
+    assert not torch.equal(full_positions[1, 0, visual], full_positions[2, 0, visual])
+    tables = []
+    with torch.no_grad(), tp.apply(vlm.model, "fastv", layer=2, keep_ratio=0.25) as session:
+        handle = _spy_tables(text_model.layers[3], tables)
+        try:
+            vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        finally:
+            handle.remove()
+    kept_rows = torch.tensor(sorted(set(inputs.layout.text_rows().tolist()) | set(session.last_report.kept[2])))
+    hidden = torch.zeros(1, 1, text_model.config.hidden_size)
+    expected_prefill = text_model.rotary_emb(hidden, full_positions[:, :, kept_rows])
+    torch.testing.assert_close(tables[0][0], expected_prefill[0], rtol=0, atol=0)
+    torch.testing.assert_close(tables[0][1], expected_prefill[1], rtol=0, atol=0)
+    # first decode step: position = last prompt position + 1 on every axis (= the unpruned model's)
+    L = inputs["input_ids"].shape[1]
+    first_decode = full_positions[:, :, -1:] + 1
+    assert int(first_decode[0, 0, 0]) == L + int(deltas[0, 0])
+    expected_decode = text_model.rotary_emb(hidden, first_decode)
+    torch.testing.assert_close(tables[1][0], expected_decode[0], rtol=0, atol=0)
+
+
+def test_manual_decode_without_positions_matches_generate(family):
+    """Both decode paths (generate's position_ids, and a plain forward that derives them) agree."""
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(15))
+    with torch.no_grad(), tp.apply(vlm.model, "pdrop", layers=[1, 3], ratios=[0.5, 0.25]):
+        out = vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        prefill = vlm.model(**inputs, use_cache=True)
+        token = prefill.logits[:, -1:].argmax(-1)
+        manual = vlm.model(input_ids=token, past_key_values=prefill.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(manual, out.logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batch_is_refused_with_a_clear_error(family):
+    vlm = tiny_vlm(family)
+    processor = vlm.processor
+    processor.tokenizer.padding_side = "left"
+    samples = [make_sample(16, "what colour is the square ?"), make_sample(17, "how many red objects are in the image ?")]
+    first, second = vlm.prepare(samples[0]), vlm.prepare(samples[1])
+    assert first["input_ids"].shape[1] != second["input_ids"].shape[1]
+    batch = _batch(vlm, samples)
+    assert not bool(batch["attention_mask"].all())
+    with torch.no_grad(), tp.apply(vlm.model, "fastv"):
+        with pytest.raises(PruningInputError, match="padded batches are not supported"):
+            vlm.model.generate(**batch, max_new_tokens=2)
+
+
+def test_unpadded_batch_equals_each_sample_alone(family):
+    vlm = tiny_vlm(family)
+    samples = [make_sample(18), make_sample(19)]  # same question: equal lengths, no padding
+    batch = _batch(vlm, samples)
+    assert bool(batch["attention_mask"].all())
+    with torch.no_grad(), tp.apply(vlm.model, "fastv", keep_ratio=0.25):
+        together = vlm.model(**batch).logits[:, -1]
+        alone = torch.cat([vlm.model(**vlm.prepare(s)).logits[:, -1] for s in samples])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def _batch(vlm, samples):
+    from tokenprune.models.images import load_images
+
+    texts = []
+    for sample in samples:
+        content = [{"type": "image"}, {"type": "text", "text": sample.question}]
+        texts.append(vlm.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                       add_generation_prompt=True))
+    images = [load_images(s.images)[0] for s in samples]
+    return dict(vlm.processor(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def test_text_only_input_passes_through_with_a_warning(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(tp.Sample(id="t", question="what colour is the square ?"))
+    assert inputs.layout.num_visual == 0
+    reference = stock_logits(vlm, inputs)
+    with torch.no_grad(), tp.apply(vlm.model, "fastv"):
+        with pytest.warns(UserWarning, match="no visual tokens"):
+            logits = vlm.model(**inputs).logits
+    assert torch.equal(logits, reference)
