@@ -1,0 +1,95 @@
+"""The Dataset and Scorer protocols, and the dataset registry.
+
+A dataset is a dataclass registered by name (``@register_dataset("textvqa_val")``) whose fields are its
+configuration (``conf/dataset/<name>.yaml`` holds the same fields and defaults). It yields ``Sample``s by
+index, deterministically, and carries the benchmark's official scorer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+from .sample import Sample
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded (missing files, wrong columns, unknown split); names what is wrong."""
+
+
+class Scorer(ABC):
+    """Scores one prediction; aggregates scored records into the benchmark's own metrics."""
+
+    headline: str = "accuracy"  # the name of the benchmark's headline metric in ``aggregate``
+
+    @abstractmethod
+    def score(self, prediction: str, sample: Sample) -> float:
+        """A per-sample score in [0, 1] (1 = correct)."""
+
+    def aggregate(self, records: list[dict]) -> dict[str, float]:
+        """Benchmark metrics from scored records (records with an error are excluded, and counted)."""
+        scores = [r["score"] for r in records if r.get("error") is None and r.get("score") is not None]
+        return {self.headline: 100.0 * sum(scores) / len(scores) if scores else math.nan}
+
+
+class Dataset(ABC):
+    """Indexable, deterministic samples plus their scorer. Subclasses are dataclasses."""
+
+    name: str = "dataset"
+    max_new_tokens: int = 16  # enough for the dataset's answers
+    scorer: Scorer
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Sample: ...
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]
+
+    def describe(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        return {"dataset": self.name, **fields}
+
+
+_DATASETS: dict[str, type[Dataset]] = {}
+
+
+def register_dataset(name: str):
+    def decorator(cls):
+        cls.name = name
+        _DATASETS[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def dataset_class(name: str) -> type[Dataset]:
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
+    return _DATASETS[name]
+
+
+def create_dataset(name: str, **fields) -> Dataset:
+    cls = dataset_class(name)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"dataset {name!r} has no field(s) {', '.join(unknown)}; its fields are: {', '.join(sorted(known))}")
+    return cls(**fields)
+
+
+def check_count(owner: str, field_name: str, value, allow_none: bool = True, minimum: int = 0) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise ValueError(f"{owner}.{field_name} must be {allowed}, got {value!r}")

@@ -1,0 +1,275 @@
+"""Embedded synthetic datasets, generated deterministically from a seed (no download).
+
+Image QA: coloured shapes on a 3 x 3 grid of cells; the answer depends on a small region (the colour or
+shape of the object in one named cell), on counting (how many objects of a colour), or on a relation
+(is one object left of another). Video QA: questions that need more than one frame (the direction an
+object moves; which of two objects appeared first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .base import Dataset, check_count, register_dataset
+from .sample import Sample, VideoFrames
+from .scorers import ExactMatch
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
+    "purple": (150, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "cyan": (40, 210, 220),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "centre", "right")
+NUMBERS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+IMAGE_TASKS = ("colour_at", "shape_at", "count", "left_of")
+VIDEO_TASKS = ("direction", "first")
+DIRECTIONS = ("left", "right", "up", "down")
+BACKGROUND = (70, 70, 70)
+
+
+def cell_name(row: int, col: int) -> str:
+    if row == 1 and col == 1:
+        return "centre"
+    if row == 1:
+        return f"middle {COLUMNS[col]}"
+    return f"{ROWS[row]} {COLUMNS[col]}"
+
+
+def sample_rng(seed: int, split: str, index: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{split}:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+    else:  # cross
+        w, h = (x1 - x0) / 3, (y1 - y0) / 3
+        draw.rectangle((x0 + w, y0, x1 - w, y1), fill=colour)
+        draw.rectangle((x0, y0 + h, x1, y1 - h), fill=colour)
+
+
+@dataclass
+class SceneObject:
+    row: int
+    col: int
+    colour: str
+    shape: str
+
+
+def render_scene(objects: list[SceneObject], size: int, rng: random.Random, jitter: bool = True) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = size / 3
+    for obj in objects:
+        scale = rng.uniform(0.55, 0.8) if jitter else 0.7
+        extent = cell * scale
+        slack = cell - extent
+        x0 = obj.col * cell + (rng.uniform(0, slack) if jitter else slack / 2)
+        y0 = obj.row * cell + (rng.uniform(0, slack) if jitter else slack / 2)
+        draw_shape(draw, obj.shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[obj.colour])
+    return image
+
+
+@register_dataset("synthetic_image")
+@dataclass
+class SyntheticImageQA(Dataset):
+    """Questions about coloured shapes on a 3 x 3 grid; one-word answers; exact-match scoring."""
+
+    n_samples: int = 48
+    seed: int = 0
+    split: str = "test"  # "train" and "test" draw disjoint streams from the same seed
+    image_size: int = 168
+    tasks: list[str] = field(default_factory=lambda: list(IMAGE_TASKS))
+    min_objects: int = 3
+    max_objects: int = 6
+    max_new_tokens: int = 4
+
+    def __post_init__(self):
+        check_count(self.name, "n_samples", self.n_samples, allow_none=False)
+        check_count(self.name, "image_size", self.image_size, allow_none=False, minimum=28)
+        self.tasks = list(self.tasks)
+        unknown = sorted(set(self.tasks) - set(IMAGE_TASKS))
+        if unknown or not self.tasks:
+            raise ValueError(f"{self.name}.tasks must be a non-empty subset of {list(IMAGE_TASKS)}, got {self.tasks}")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"{self.name}.split must be one of ['train', 'test'], got {self.split!r}")
+        if not 1 <= self.min_objects <= self.max_objects <= 9:
+            raise ValueError(f"{self.name}: need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}, {self.max_objects}")
+        self.scorer = ExactMatch(first_word=True)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.n_samples:
+            raise IndexError(index)
+        rng = sample_rng(self.seed, self.split, index)
+        task = self.tasks[index % len(self.tasks)]
+        cells = rng.sample(range(9), rng.randint(self.min_objects, self.max_objects))
+        objects = [SceneObject(c // 3, c % 3, rng.choice(list(COLOURS)), rng.choice(SHAPES)) for c in cells]
+        if task == "left_of":
+            objects = self._distinct_colours(objects, rng)
+        question, answer = getattr(self, f"_ask_{task}")(objects, rng)
+        image = render_scene(objects, self.image_size, rng)
+        return Sample(id=f"{self.split}-{self.seed}-{index}", question=question, images=[image], answer=answer,
+                      meta={"task": task, "category": task})
+
+    @staticmethod
+    def _distinct_colours(objects, rng):
+        colours = rng.sample(list(COLOURS), len(objects))
+        return [SceneObject(o.row, o.col, c, o.shape) for o, c in zip(objects, colours)]
+
+    @staticmethod
+    def _ask_colour_at(objects, rng):
+        target = rng.choice(objects)
+        return f"what colour is the object at the {cell_name(target.row, target.col)} ?", target.colour
+
+    @staticmethod
+    def _ask_shape_at(objects, rng):
+        target = rng.choice(objects)
+        return f"what shape is the object at the {cell_name(target.row, target.col)} ?", target.shape
+
+    @staticmethod
+    def _ask_count(objects, rng):
+        colour = rng.choice([o.colour for o in objects] + list(COLOURS)[:2])
+        count = sum(o.colour == colour for o in objects)
+        return f"how many {colour} objects are there ?", NUMBERS[count]
+
+    @staticmethod
+    def _ask_left_of(objects, rng):
+        candidates = [(a, b) for a in objects for b in objects if a.col != b.col]
+        if not candidates:  # every object in one column: the answer is "no" both ways
+            a, b = objects[0], objects[-1]
+        else:
+            a, b = rng.choice(candidates)
+        answer = "yes" if a.col < b.col else "no"
+        return f"is the {a.colour} object left of the {b.colour} object ?", answer
+
+
+@register_dataset("synthetic_video")
+@dataclass
+class SyntheticVideoQA(Dataset):
+    """Questions that need several frames: motion direction, order of appearance; one-word answers.
+
+    ``format=frames`` yields decoded frames; ``format=mp4`` writes each video once to ``cache_dir`` (real
+    files, decoded by the model's video reader).
+    """
+
+    n_samples: int = 24
+    seed: int = 0
+    split: str = "test"
+    frames: int = 8
+    frame_size: int = 112  # multiple of 28
+    fps: float = 4.0
+    tasks: list[str] = field(default_factory=lambda: list(VIDEO_TASKS))
+    format: str = "frames"
+    cache_dir: str | None = None
+    max_new_tokens: int = 4
+
+    def __post_init__(self):
+        check_count(self.name, "n_samples", self.n_samples, allow_none=False)
+        check_count(self.name, "frames", self.frames, allow_none=False, minimum=2)
+        if self.frame_size % 28:
+            raise ValueError(f"{self.name}.frame_size must be a multiple of 28, got {self.frame_size}")
+        self.tasks = list(self.tasks)
+        unknown = sorted(set(self.tasks) - set(VIDEO_TASKS))
+        if unknown or not self.tasks:
+            raise ValueError(f"{self.name}.tasks must be a non-empty subset of {list(VIDEO_TASKS)}, got {self.tasks}")
+        if self.format not in ("frames", "mp4"):
+            raise ValueError(f"{self.name}.format must be one of ['frames', 'mp4'], got {self.format!r}")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"{self.name}.split must be one of ['train', 'test'], got {self.split!r}")
+        self.scorer = ExactMatch(first_word=True)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.n_samples:
+            raise IndexError(index)
+        rng = sample_rng(self.seed, f"video-{self.split}", index)
+        task = self.tasks[index % len(self.tasks)]
+        frames, question, answer = getattr(self, f"_make_{task}")(rng)
+        video = np.stack([np.asarray(f) for f in frames])  # [n, H, W, 3] uint8
+        sample_id = f"video-{self.split}-{self.seed}-{index}"
+        if self.format == "mp4":
+            source = write_mp4(video, self._cache_path(sample_id), self.fps)
+        else:
+            source = VideoFrames(frames=np.ascontiguousarray(video.transpose(0, 3, 1, 2)), fps=self.fps,
+                                 frame_indices=list(range(self.frames)), total_frames=self.frames)
+        return Sample(id=sample_id, question=question, video=source, answer=answer,
+                      meta={"task": task, "category": task})
+
+    def _cache_path(self, sample_id: str) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else Path.home() / ".cache" / "tokenprune" / "synthetic_video"
+        key = f"{self.frames}x{self.frame_size}@{self.fps}"
+        return root / key / f"{sample_id}.mp4"
+
+    def _make_direction(self, rng):
+        size, n = self.frame_size, self.frames
+        direction = rng.choice(DIRECTIONS)
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        extent = size * 0.22
+        travel = size - extent - 8
+        fixed = rng.uniform(4, size - extent - 4)
+        frames = []
+        for t in range(n):
+            progress = 4 + travel * t / (n - 1)
+            along = progress if direction in ("right", "down") else size - extent - progress
+            x0, y0 = (along, fixed) if direction in ("left", "right") else (fixed, along)
+            image = Image.new("RGB", (size, size), BACKGROUND)
+            draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
+            frames.append(image)
+        return frames, f"which direction does the {colour} {shape} move ?", direction
+
+    def _make_first(self, rng):
+        size, n = self.frame_size, self.frames
+        first, second = rng.sample(list(COLOURS), 2)
+        t_first = rng.randint(0, n // 2 - 1)
+        t_second = rng.randint(t_first + 2, n - 1) if t_first + 2 <= n - 1 else n - 1
+        cells = rng.sample(range(9), 2)
+        shapes = rng.choice(SHAPES), rng.choice(SHAPES)
+        placements = [SceneObject(cells[0] // 3, cells[0] % 3, first, shapes[0]),
+                      SceneObject(cells[1] // 3, cells[1] % 3, second, shapes[1])]
+        frames = []
+        for t in range(n):
+            visible = [p for p, start in zip(placements, (t_first, t_second)) if t >= start]
+            frames.append(render_scene(visible, size, random.Random(0), jitter=False))
+        return frames, f"which colour appeared first , {first} or {second} ?" if rng.random() < 0.5 else \
+            f"which colour appeared first , {second} or {first} ?", first
+
+
+def write_mp4(video: np.ndarray, path: Path, fps: float) -> str:
+    """Encode ``video`` ``[n, H, W, 3]`` uint8 as H.264 mp4 (written once, atomically)."""
+    import av
+
+    path = Path(path)
+    if path.exists():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.mp4")
+    with av.open(str(partial), mode="w") as container:
+        stream = container.add_stream("libx264", rate=int(round(fps)))
+        stream.width, stream.height = video.shape[2], video.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        for frame in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    partial.replace(path)
+    return str(path)
