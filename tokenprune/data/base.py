@@ -47,6 +47,10 @@ class Dataset(ABC):
     @abstractmethod
     def __getitem__(self, index: int) -> Sample: ...
 
+    def sample_id(self, index: int) -> str:
+        """The id of sample ``index`` (datasets override this when building the sample is expensive)."""
+        return self[index].id
+
     def __iter__(self):
         for index in range(len(self)):
             yield self[index]

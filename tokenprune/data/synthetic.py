@@ -127,6 +127,9 @@ class SyntheticImageQA(Dataset):
         return Sample(id=f"{self.split}-{self.seed}-{index}", question=question, images=[image], answer=answer,
                       meta={"task": task, "category": task})
 
+    def sample_id(self, index: int) -> str:
+        return f"{self.split}-{self.seed}-{index}"
+
     @staticmethod
     def _distinct_colours(objects, rng):
         colours = rng.sample(list(COLOURS), len(objects))
@@ -212,6 +215,9 @@ class SyntheticVideoQA(Dataset):
                                  frame_indices=list(range(self.frames)), total_frames=self.frames)
         return Sample(id=sample_id, question=question, video=source, answer=answer,
                       meta={"task": task, "category": task})
+
+    def sample_id(self, index: int) -> str:
+        return f"video-{self.split}-{self.seed}-{index}"
 
     def _cache_path(self, sample_id: str) -> Path:
         root = Path(self.cache_dir) if self.cache_dir else Path.home() / ".cache" / "tokenprune" / "synthetic_video"

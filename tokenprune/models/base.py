@@ -55,6 +55,10 @@ class ModelAdapter(ABC):
         """The text decoder (a Llama / Qwen2 / Qwen2.5-VL text model with ``.layers``)."""
         return model.model.language_model
 
+    @abstractmethod
+    def vision_model(self, model):
+        """The vision encoder (timed separately: it dominates time-to-first-token on Qwen2.5-VL)."""
+
     def text_config(self, model):
         return self.text_model(model).config
 

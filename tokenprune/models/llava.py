@@ -26,6 +26,9 @@ class LlavaAdapter(ModelAdapter):
     rope = "1d"
     visual_input_keys = ()
 
+    def vision_model(self, model):
+        return model.model.vision_tower
+
     @staticmethod
     def tokens_per_image(config) -> tuple[int, int, int]:
         """(count, rows, cols) of LLM tokens per image from the vision config (one grid, no tiling)."""

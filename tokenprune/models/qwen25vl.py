@@ -23,6 +23,9 @@ class Qwen25VLAdapter(ModelAdapter):
     rope = "mrope"
     visual_input_keys = ("image_grid_thw", "video_grid_thw", "position_ids")
 
+    def vision_model(self, model):
+        return model.model.visual
+
     def visual_specs(self, model, captured: dict | None) -> list[VisualSpec]:
         config = model.config
         merge = config.vision_config.spatial_merge_size

@@ -1,0 +1,205 @@
+"""Measure one generation: latency split (vision encoder, prefill, decode), memory, KV cache, tokens, FLOPs.
+
+Timing uses forward hooks on the vision encoder, the text decoder and the whole model, with CUDA events on
+GPU (read after one synchronisation at the end) and ``perf_counter`` on CPU:
+
+* ``vision_ms``: time inside the vision encoder;
+* ``prefill_ms``: the text decoder's first call (decoder prefill, pruning overhead included);
+* ``ttft_ms``: from the start of ``generate`` to the end of the first forward (time to first token);
+* ``decode_ms_per_token``: mean duration of the later forwards (one new token each);
+* ``total_ms``: the whole ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.apply import apply
+from ..engine.flops import DecoderShape, all_conventions
+
+
+class Clock:
+    """Timestamps on the model's device: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end) -> float:
+        if self.cuda:
+            return float(start.elapsed_time(end))
+        return (end - start) * 1000.0
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class _Spans:
+    """Start / end timestamps of every call of one module."""
+
+    def __init__(self, module, clock: Clock):
+        self.clock, self.starts, self.ends = clock, [], []
+        self._handles = [module.register_forward_pre_hook(lambda *a: self.starts.append(clock.now())),
+                         module.register_forward_hook(lambda *a: self.ends.append(clock.now()))]
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+    def durations_ms(self) -> list[float]:
+        return [self.clock.elapsed_ms(s, e) for s, e in zip(self.starts, self.ends)]
+
+
+@dataclass
+class RunMeasurement:
+    output_ids: torch.Tensor  # [1, new_tokens] generated ids (prompt removed)
+    report: object | None  # PrefillReport, None for methods that install nothing
+    metrics: dict = field(default_factory=dict)
+
+
+def peak_rss_reset() -> bool:
+    """Reset the process's peak resident set size (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def kv_cache_bytes(cache) -> int:
+    if cache is None:
+        return 0
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=None) -> RunMeasurement:
+    """Generate greedily under ``method`` and measure it (see the module docstring)."""
+    model, adapter = vlm.model, vlm.adapter
+    device = vlm.device
+    clock = Clock(device)
+    cuda = device.type == "cuda"
+    release_memory()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        memory_before = torch.cuda.memory_allocated(device)
+    else:
+        peak_rss_reset()
+        memory_before = current_rss_bytes()
+    spans = {"vision": _Spans(adapter.vision_model(model), clock), "decoder": _Spans(adapter.text_model(model), clock),
+             "model": _Spans(model, clock)}
+    prompt_length = inputs["input_ids"].shape[1]
+    cache_after_prefill = {}
+
+    def remember_cache(module, args, kwargs, output):
+        if "bytes" not in cache_after_prefill:
+            cache_after_prefill["bytes"] = kv_cache_bytes(getattr(output, "past_key_values", None))
+
+    cache_hook = model.register_forward_hook(remember_cache, with_kwargs=True)
+    try:
+        with torch.no_grad(), apply(model, method) as session:
+            start = clock.now()
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+            end = clock.now()
+        clock.synchronize()
+        report = session.last_report
+    finally:
+        cache_hook.remove()
+        for span in spans.values():
+            span.remove()
+
+    new_ids = output[:, prompt_length:]
+    model_calls = spans["model"].durations_ms()
+    decode_calls = model_calls[1:]
+    metrics = {
+        "new_tokens": int(new_ids.shape[1]),
+        "vision_ms": sum(spans["vision"].durations_ms()),
+        "prefill_ms": spans["decoder"].durations_ms()[0] if spans["decoder"].ends else None,
+        "ttft_ms": clock.elapsed_ms(start, spans["model"].ends[0]) if spans["model"].ends else None,
+        "decode_ms_per_token": sum(decode_calls) / len(decode_calls) if decode_calls else None,
+        "total_ms": clock.elapsed_ms(start, end),
+        "overhead_ms": report.overhead_ms if report is not None else 0.0,
+        "kv_cache_bytes": cache_after_prefill.get("bytes", 0),
+        "attention_backend": str(model.config._attn_implementation),
+    }
+    if cuda:
+        metrics["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        metrics["extra_peak_memory_bytes"] = metrics["peak_memory_bytes"] - int(memory_before)
+        metrics["memory_kind"] = "cuda_allocated"
+    else:
+        peak = peak_rss_bytes()
+        metrics["peak_memory_bytes"] = peak
+        metrics["extra_peak_memory_bytes"] = None if peak is None else max(0, peak - memory_before)
+        metrics["memory_kind"] = "process_rss"
+    metrics.update(token_metrics(vlm, inputs.layout, report))
+    return RunMeasurement(new_ids, report, metrics)
+
+
+def token_metrics(vlm, layout, report) -> dict:
+    """Visual tokens entering the decoder and layer-averaged, and analytic prefill FLOPs (all conventions)."""
+    shape = DecoderShape.from_config(vlm.adapter.text_config(vlm.model))
+    if report is None or not report.layer_tokens:
+        layer_tokens = [layout.length] * shape.layers
+        layer_visual = [layout.num_visual] * shape.layers
+        entering_tokens, entering_visual = layout.length, layout.num_visual
+        stats = {}
+    else:
+        layer_tokens, layer_visual = report.layer_tokens, report.layer_visual
+        entering_tokens, entering_visual = report.tokens_entering_decoder, report.visual_entering_decoder
+        stats = dict(report.stats)
+    flops = all_conventions(shape, layer_tokens, layer_visual)
+    if report is not None and getattr(report, "flops_override", None) is not None:
+        flops["tokenprune"] = report.flops_override
+    return {
+        "prompt_tokens": layout.length,
+        "visual_tokens_original": layout.num_visual,
+        "visual_tokens": entering_visual,
+        "visual_tokens_layer_mean": sum(layer_visual) / len(layer_visual),
+        "tokens_entering_decoder": entering_tokens,
+        "tokens_layer_mean": sum(layer_tokens) / len(layer_tokens),
+        "flops": flops,
+        "method_stats": stats,
+    }
