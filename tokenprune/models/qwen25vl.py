@@ -105,6 +105,12 @@ class Qwen25VLAdapter(ModelAdapter):
         inputs.layout = TokenLayout.from_input_ids(inputs["input_ids"][0], spec)
         return inputs
 
+    def training_video_inputs(self, samples: list[Sample], options: dict | None = None) -> dict:
+        """Processor kwargs for a batch of video samples (one video each), as ``prepare`` passes them."""
+        loaded = [self._load_video(s.video, dict(options or {})) for s in samples]
+        return {"videos": [frames for frames, _, _ in loaded], "video_metadata": [meta for _, meta, _ in loaded],
+                "do_resize": False, "do_sample_frames": False}
+
     @staticmethod
     def _load_video(video, options: dict):
         """Frames + metadata for the processor, from a file (qwen-vl-utils, decord) or decoded frames."""

@@ -182,7 +182,12 @@ def format_table(summary: dict, title: str = "") -> str:
     for label, entry in summary.items():
         headline = entry["metrics"].get(entry["headline"])
         delta = entry.get("paired_delta")
-        delta_text = "—" if delta is None else f"{delta['mean']:+.1f} [{delta['ci95'][0]:+.1f}, {delta['ci95'][1]:+.1f}]"
+        if delta is None:
+            delta_text = "—"
+        elif any(math.isnan(bound) for bound in delta["ci95"]):
+            delta_text = f"{delta['mean']:+.1f} (n={delta['pairs']})"
+        else:
+            delta_text = f"{delta['mean']:+.1f} [{delta['ci95'][0]:+.1f}, {delta['ci95'][1]:+.1f}]"
         flops = entry["flops"]["tokenprune"]
         cells = [
             label,

@@ -74,10 +74,10 @@ def qwen_tokenizer() -> PreTrainedTokenizerFast:
 # ---------------------------------------------------------------------------------------------------------
 def tiny_llava_config(image_size: int = 84, patch_size: int = 14, layers: int = 6, hidden: int = 64,
                       heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vision_hidden: int = 32,
-                      vision_layers: int = 2) -> LlavaConfig:
+                      vision_layers: int = 2, vision_heads: int = 2) -> LlavaConfig:
     tokenizer_vocab = len(llava_tokenizer())
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                              num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,
                               patch_size=patch_size, projection_dim=vision_hidden)
     text = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=tokenizer_vocab,
@@ -101,7 +101,7 @@ def tiny_llava_processor(image_size: int = 84, patch_size: int = 14) -> LlavaPro
 # ---------------------------------------------------------------------------------------------------------
 def tiny_qwen25vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                          intermediate: int = 128, vision_hidden: int = 32, vision_depth: int = 2,
-                         window_size: int = 56) -> Qwen2_5_VLConfig:
+                         window_size: int = 56, patch_size: int = 14, vision_heads: int = 2) -> Qwen2_5_VLConfig:
     vocab = len(qwen_tokenizer())
     head_dim = hidden // heads
     section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
@@ -113,7 +113,7 @@ def tiny_qwen25vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_h
                          pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"), tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                           num_heads=vision_heads, out_hidden_size=hidden, patch_size=patch_size, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[vision_depth - 1],
                            tokens_per_second=2),
         image_token_id=QWEN_SPECIALS.index("<|image_pad|>"), video_token_id=QWEN_SPECIALS.index("<|video_pad|>"),
@@ -124,12 +124,39 @@ def tiny_qwen25vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_h
     )
 
 
-def tiny_qwen25vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 168 * 168) -> Qwen2_5_VLProcessor:
+def tiny_qwen25vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 168 * 168,
+                            patch_size: int = 14) -> Qwen2_5_VLProcessor:
     from transformers import Qwen2VLVideoProcessor
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                             merge_size=2, temporal_patch_size=2)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                             merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=True)
     return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=qwen_tokenizer(),
                                video_processor=video_processor, chat_template=QWEN_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trained tiny models (architecture of the packaged checkpoints; weights=random builds it untrained)
+# ---------------------------------------------------------------------------------------------------------
+TRAINED_LLAVA = dict(image_size=168, patch_size=14, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384,
+                     vision_hidden=96, vision_layers=4, vision_heads=4)  # 12 x 12 = 144 visual tokens
+TRAINED_QWEN = dict(layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384, vision_hidden=96, vision_depth=4,
+                    vision_heads=4, patch_size=7, window_size=56)  # 168 px -> 24 x 24 patches -> 12 x 12 = 144
+
+
+def trained_llava_config() -> LlavaConfig:
+    return tiny_llava_config(**TRAINED_LLAVA)
+
+
+def trained_llava_processor() -> LlavaProcessor:
+    return tiny_llava_processor(image_size=TRAINED_LLAVA["image_size"], patch_size=TRAINED_LLAVA["patch_size"])
+
+
+def trained_qwen25vl_config() -> Qwen2_5_VLConfig:
+    return tiny_qwen25vl_config(**TRAINED_QWEN)
+
+
+def trained_qwen25vl_processor() -> Qwen2_5_VLProcessor:
+    # images: exactly 168 x 168; video frames: up to 112 x 112 (8 x 8 tokens per two frames)
+    return tiny_qwen25vl_processor(min_pixels=112 * 112, max_pixels=168 * 168, patch_size=TRAINED_QWEN["patch_size"])
