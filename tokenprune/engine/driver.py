@@ -89,6 +89,7 @@ class PrefillReport:
     tokens_entering_decoder: int = 0
     visual_entering_decoder: int = 0
     kept: dict[int, list[int]] = field(default_factory=dict)  # layer -> original rows of surviving visual tokens
+    layer_plans: dict = field(default_factory=dict)  # layer -> LayerPlan that ran (layer skip), identity plans omitted
     stats: dict = field(default_factory=dict)  # method-reported numbers (segments, static fraction, ...)
     timer: OverheadTimer | None = None
 
@@ -325,6 +326,8 @@ class Driver:
         if self.method.uses_layer_plan:
             plan = self.method.layer_plan(index, state.layouts[0])
             state.plans[index] = plan if plan is not None and not plan.is_identity else None
+            if state.plans[index] is not None:
+                state.report.layer_plans[index] = plan
         if len(state.report.layer_tokens) == index:
             state.report.layer_tokens.append(hidden.shape[1])
             state.report.layer_visual.append(state.layouts[0].num_visual)

@@ -2,37 +2,72 @@
 
 Text rows always run the full layer. Skipped work is really skipped: an attention skip computes queries,
 scores and the output projection for text rows only (keys and values are still computed for every row and
-cached, so text rows attend to visual tokens); an MLP skip runs the MLP on text rows only.
+cached, so text rows attend to visual tokens); an MLP skip runs the norm and the MLP on text rows only.
 
     attention skip:  visual rows  u = attn_scale * h          text rows  u = h + Attn(LN1(h))
     MLP skip:        visual rows  y = mlp_scale * u           text rows  y = u + MLP(LN2(u))
+
+Batches: the rows that are text in at least one sample are computed (the others are skipped); a row that is
+visual in some samples and text in others is computed and then replaced by the scaled residual where it is
+visual, so every sample gets its own exact result (left-padded batches included: padding rows count as text).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 
+from .flops import DecoderShape, causal_key_sum, layer_flops
+from .layout import TokenLayout
 from .scores import apply_rope
+
+
+@dataclass
+class PlanRows:
+    """Which rows a planned layer computes. ``compute``: ``[C]`` ascending rows that are text in some sample;
+    ``visual_in_compute``: ``[B, C]`` bool, rows of ``compute`` that are visual in that sample (None when all
+    samples have the same visual rows, the usual case)."""
+
+    compute: torch.Tensor
+    visual_in_compute: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layouts: list[TokenLayout]) -> "PlanRows":
+        visual = layouts[0].is_visual  # [L]
+        if all(torch.equal(layout.is_visual, visual) for layout in layouts[1:]):
+            return cls((~visual).nonzero().flatten(), None)
+        visual = torch.stack([layout.is_visual for layout in layouts])  # [B, L]
+        compute = (~visual).any(0).nonzero().flatten()
+        return cls(compute, visual[:, compute])
+
+    def combine(self, skipped: torch.Tensor, computed: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * skipped`` on skipped rows, ``computed`` on the computed ones.
+
+        ``skipped``: ``[B, L, d]``; ``computed``: ``[B, C, d]`` → ``[B, L, d]``.
+        """
+        output = skipped * scale if scale != 1.0 else skipped.clone()
+        if self.visual_in_compute is not None:
+            computed = torch.where(self.visual_in_compute[..., None], output[:, self.compute], computed)
+        return output.index_copy_(1, self.compute, computed)
 
 
 def run_planned_layer(layer, plan, layouts, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
                       past_key_values=None, position_ids=None, use_cache=False, **kwargs) -> torch.Tensor:
-    """``hidden_states``: ``[B, L, d]`` → ``[B, L, d]``. All samples must share one layout of visual rows."""
-    visual = layouts[0].is_visual
-    if any(not torch.equal(layout.is_visual, visual) for layout in layouts[1:]):
-        raise ValueError("layer skipping needs every sample of a batch to have its visual tokens at the same rows")
-    visual_rows = visual.nonzero().flatten()
-    text_rows = (~visual).nonzero().flatten()
+    """``hidden_states``: ``[B, L, d]`` → ``[B, L, d]``, a Llama / Qwen2 / Qwen2.5-VL decoder layer under ``plan``."""
+    if plan.skip_attn and kwargs.get("output_attentions"):
+        raise ValueError(f"output_attentions=True cannot be combined with an attention skip (layer "
+                         f"{layer.self_attn.layer_idx}): visual rows have no attention map there")
+    rows = PlanRows.of(layouts)
     residual = hidden_states
     normed = layer.input_layernorm(hidden_states)
 
     if plan.skip_attn:
-        text_update = text_query_attention(layer.self_attn, normed, text_rows, position_embeddings, past_key_values)
-        after_attention = residual.clone()
-        after_attention[:, text_rows] = residual[:, text_rows] + text_update
-        if plan.attn_scale != 1.0:
-            after_attention[:, visual_rows] = residual[:, visual_rows] * plan.attn_scale
+        attention_rows = text_query_attention(layer.self_attn, normed, rows.compute, position_embeddings,
+                                              past_key_values, attention_mask)  # [B, C, d]
+        after_attention = rows.combine(residual, residual[:, rows.compute] + attention_rows, plan.attn_scale)
     else:
         attention_output, _ = layer.self_attn(
             hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids,
@@ -41,35 +76,79 @@ def run_planned_layer(layer, plan, layouts, hidden_states: torch.Tensor, attenti
         after_attention = residual + attention_output
 
     if plan.skip_mlp:
-        output = after_attention.clone()
-        text_states = after_attention[:, text_rows]
-        output[:, text_rows] = text_states + layer.mlp(layer.post_attention_layernorm(text_states))
-        output[:, visual_rows] = after_attention[:, visual_rows] * plan.mlp_scale
-        return output
+        computed = after_attention[:, rows.compute]  # [B, C, d]
+        computed = computed + layer.mlp(layer.post_attention_layernorm(computed))
+        return rows.combine(after_attention, computed, plan.mlp_scale)
     return after_attention + layer.mlp(layer.post_attention_layernorm(after_attention))
 
 
 def text_query_attention(attention, normed: torch.Tensor, query_rows: torch.Tensor, position_embeddings,
-                         past_key_values) -> torch.Tensor:
-    """Self-attention output (after o_proj) for ``query_rows`` only; keys/values of every row are cached.
+                         past_key_values, attention_mask=None) -> torch.Tensor:
+    """Self-attention output (after o_proj) for ``query_rows`` only; keys/values of every row are computed and cached.
 
-    ``normed``: ``[B, L, d]`` (after the input norm) → ``[B, n_q, d]``.
+    ``normed``: ``[B, L, d]`` (after the input norm) → ``[B, n_q, d]``. ``attention_mask``: what the stock loop
+    gives the layer (None: causal; 4-D ``[B, 1, L, L_kv]`` bool or additive; 2-D ``[B, L_kv]`` key padding).
     """
     batch, length, _ = normed.shape
     head_dim = attention.head_dim
-    cos, sin = position_embeddings
-    queries = attention.q_proj(normed[:, query_rows]).view(batch, query_rows.numel(), -1, head_dim).transpose(1, 2)
-    keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    n_q = query_rows.numel()
+    cos, sin = position_embeddings  # [B or 1, L, hd]
+    queries = attention.q_proj(normed[:, query_rows]).view(batch, n_q, -1, head_dim).transpose(1, 2)  # [B, H, n_q, hd]
+    keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KVH, L, hd]
     values = attention.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     queries = apply_rope(queries, cos[:, query_rows], sin[:, query_rows])
     keys = apply_rope(keys, cos, sin)
     if past_key_values is not None:
         keys, values = past_key_values.update(keys, values, attention.layer_idx)
+    kv_length = keys.shape[2]
     groups = queries.shape[1] // keys.shape[1]
-    keys = keys.repeat_interleave(groups, dim=1)  # [B, H, L_kv, hd]
-    values = values.repeat_interleave(groups, dim=1)
-    offset = keys.shape[2] - length
-    visible = torch.arange(keys.shape[2], device=normed.device)[None, :] <= (query_rows[:, None] + offset)  # [n_q, L_kv]
-    output = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=attention.scaling)
-    output = output.transpose(1, 2).reshape(batch, query_rows.numel(), -1)
+    keys = _repeat_kv(keys, groups)  # [B, H, L_kv, hd]
+    values = _repeat_kv(values, groups)
+    mask = _query_mask(attention_mask, query_rows, kv_length - length, kv_length, normed.device)
+    output = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scaling)
+    output = output.transpose(1, 2).reshape(batch, n_q, -1)  # [B, n_q, H * hd]
     return attention.o_proj(output)
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, KVH, L, hd]`` → ``[B, KVH * groups, L, hd]`` (each key/value head shared by ``groups`` query heads)."""
+    if groups == 1:
+        return states
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def _query_mask(attention_mask, query_rows: torch.Tensor, offset: int, kv_length: int, device) -> torch.Tensor:
+    """The mask rows of ``query_rows``: ``[n_q, L_kv]`` or ``[B, 1, n_q, L_kv]`` (bool: True = attend, or additive)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask[:, :, query_rows, -kv_length:]
+    causal = torch.arange(kv_length, device=device)[None, :] <= (query_rows[:, None] + offset)  # [n_q, L_kv]
+    if attention_mask is None:
+        return causal
+    if attention_mask.dim() == 2:  # flash-attention style key padding mask, 1 = real token
+        return causal[None, None] & attention_mask[:, None, None, -kv_length:].bool()
+    raise ValueError(f"layer skip: unsupported attention_mask of shape {tuple(attention_mask.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs of planned layers
+# ---------------------------------------------------------------------------------------------------------
+def planned_layer_flops(shape: DecoderShape, layout: TokenLayout, plan=None) -> float:
+    """tokenprune FLOPs of one prefill layer over ``layout`` under ``plan`` (None: the full layer).
+
+    An attention skip removes the visual rows' q/o projections and their causal scores (row i sees i + 1 keys);
+    keys and values stay. An MLP skip removes the visual rows' MLP.
+    """
+    tokens = layout.length
+    if plan is None or plan.is_identity:
+        return layer_flops(shape, tokens)
+    text = layout.text_rows()
+    query_rows = text.numel() if plan.skip_attn else tokens
+    key_sum = int((text + 1).sum()) if plan.skip_attn else causal_key_sum(tokens)
+    mlp_rows = text.numel() if plan.skip_mlp else tokens
+    return layer_flops(shape, tokens, attention_query_rows=query_rows, attention_key_sum=key_sum, mlp_rows=mlp_rows)
+
+
+def planned_prefill_flops(shape: DecoderShape, layout: TokenLayout, plans: Mapping[int, object]) -> float:
+    """tokenprune prefill FLOPs of a decoder whose layer l runs under ``plans.get(l)`` (no token pruning)."""
+    return sum(planned_layer_flops(shape, layout, plans.get(layer)) for layer in range(shape.layers))
