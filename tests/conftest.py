@@ -60,6 +60,32 @@ def tiny_vlm(name: str, attn: str = "sdpa", layers: int = 6):
     return _load(name, attn, layers)
 
 
+SHARPEN = 16.0
+
+
+@lru_cache(maxsize=None)
+def sharp_tiny_vlm(name: str, attn: str = "sdpa", layers: int = 6):
+    """``tiny_vlm``'s architecture and seed with every decoder layer's q/k projections scaled by 4 (scores x16).
+
+    Random initialisation gives near-uniform attention, whose rankings mostly reflect how many rows can see a
+    column (causality): "keep the earliest tokens" would pass a brute-force comparison. Sharper attention makes
+    the rankings depend on content, so the comparison tells implementations apart.
+    """
+    config_builder, processor_builder = TEST_ARCHITECTURES[name]
+    adapter = tp.models.adapter_named(tp.models.model_spec(name).family)
+    model = adapter.build_random(config_builder(layers=layers), torch.float32, attn, seed=0).eval()
+    with torch.no_grad():
+        for layer in adapter.text_model(model).layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight.mul_(SHARPEN ** 0.5)
+                if projection.bias is not None:
+                    projection.bias.mul_(SHARPEN ** 0.5)
+    vlm = tp.models.VLM(name=name, model=model, processor=processor_builder(), adapter=adapter)
+    with torch.no_grad():
+        vlm.model(**vlm.prepare(make_sample(0)))
+    return vlm
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

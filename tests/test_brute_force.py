@@ -1,5 +1,9 @@
 """Done-when 2: FastV and PDrop kept indices equal a brute-force reference from eager attention probabilities.
 
+The models have sharpened attention (conftest.sharp_tiny_vlm) so that rankings depend on content, not only on
+causality; ``test_the_reference_is_not_positional`` checks that the selections are not simply the earliest or
+latest tokens.
+
 The reference runs the stock model with eager attention and output_attentions=True (full maps, built only
 here), takes the head mean of the relevant layer's probabilities at the relevant query rows and image
 columns, and ranks them. tokenprune computes its scores lazily with SDPA in the main pass.
@@ -9,7 +13,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from conftest import make_sample, tiny_vlm
+from conftest import make_sample, sharp_tiny_vlm as tiny_vlm
 from helpers import current_rows, eager_attentions, topk_original
 
 
@@ -94,3 +98,16 @@ def test_fastv_selection_is_ascending_and_keeps_every_text_row(family):
     assert len(kept_visual) == k
     assert seen["hidden"].shape[1] == layout.length - layout.num_visual + k
     assert kept_visual == sorted(kept_visual)
+
+
+def test_the_reference_is_not_positional(family):
+    """The selections compared above are content-dependent: neither the first nor the last k visual tokens."""
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(5))
+    visual = inputs.layout.visual_rows().tolist()
+    for name, fields, layer in (("fastv", {"layer": 2, "keep_ratio": 0.25}, 2),
+                                ("pdrop", {"layers": [1, 3], "ratios": [0.5, 0.25]}, 3)):
+        with torch.no_grad(), tp.apply(vlm.model, name, **fields) as session:
+            vlm.model(**inputs)
+        kept = session.last_report.kept[layer]
+        assert kept not in (visual[: len(kept)], visual[-len(kept):]), (name, kept)
