@@ -414,3 +414,21 @@ def test_method_describes_its_resolved_policy(tmp_path):
     assert described["policy"] == str(tmp_path / "p.json") and described["mlp"] == []
     assert described["resolved_policy"]["skip_layer_mlp"] == [3]
     assert described["resolved_policy"]["mlp_scalars"] == {"3": 0.5}
+
+
+def test_video_tokens_count_as_visual():
+    """Card §4: tokenprune includes video pads in V (the seed left them untouched)."""
+    vlm = tiny_vlm("tiny_qwen25vl")
+    sample = tp.data.create_dataset("synthetic_video", n_samples=1, frames=4, frame_size=56)[0]
+    inputs = vlm.prepare(sample)
+    layout = inputs.layout
+    video = (layout.kind == 2).nonzero().flatten()  # VIDEO rows
+    assert video.numel() > 0 and torch.equal(video, layout.visual_rows())
+    index = 2
+    layer = vlm.adapter.text_model(vlm.model).layers[index]
+    stock, _ = capture_layer(vlm, inputs, index)
+    skipped, _ = capture_layer(vlm, inputs, index, LayerSkip(mlp=[index], scalars={index: 0.5}))
+    with torch.no_grad():
+        u = stock.hidden + stock_attention(layer, stock)
+    assert torch.equal(skipped.output[:, video], 0.5 * u[:, video])
+    torch.testing.assert_close(skipped.output[:, layout.text_rows()], stock.output[:, layout.text_rows()], **FP32)

@@ -1,0 +1,1 @@
+"""Searches that produce method policies (``python -m tokenprune.calibrate <search> ...``): layer skip."""

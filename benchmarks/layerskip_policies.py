@@ -1,0 +1,103 @@
+"""Layer skip: the searched policy against random policies of equal cost (KL and held-out accuracy).
+
+    python benchmarks/layerskip_policies.py                        # both tiny models: 20 train samples, budget 3
+    python benchmarks/layerskip_policies.py --models tiny_qwen25vl --budget 2 --random 10 --heldout 48
+    python benchmarks/layerskip_policies.py --smoke                # seconds (run by tests/test_layerskip_benchmarks.py)
+
+The search runs on ``synthetic_image`` split ``train`` (calibration); every policy is then scored on the split
+``test`` (held out): mean KL to the unskipped model over its greedy answers (teacher-forced, as in the search)
+and exact-match accuracy of greedy generation with the dataset's scorer. Random policies have as many MLP (and
+attention) skips as the searched one, over the same candidate layers, with scalars fitted the same way.
+The tiny models load as ``tp.load_model`` does by default (trained checkpoint if packaged, else random weights;
+column "weights"): on random weights accuracy is meaningless and only the KL columns say anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import tokenprune as tp
+from tokenprune.calibrate.layerskip import Calibration, random_policies, search
+from tokenprune.data import create_dataset
+from tokenprune.methods.layerskip import LayerSkip, SkipPolicy
+from tokenprune.models.zoo.checkpoints import packaged_checkpoint
+
+
+def accuracy(vlm, dataset, policy: SkipPolicy) -> float:
+    correct = []
+    with torch.no_grad(), tp.apply(vlm.model, LayerSkip.from_policy(policy)):
+        for sample in dataset:
+            out = vlm.model.generate(**vlm.prepare(sample), max_new_tokens=dataset.max_new_tokens, do_sample=False)
+            prediction = vlm.decode(out[0, vlm.prepare(sample)["input_ids"].shape[1]:])
+            correct.append(dataset.scorer.score(prediction, sample))
+    return 100.0 * sum(correct) / len(correct)
+
+
+def run(name: str, n_samples: int, heldout: int, budget: float, ops: list[str], min_layer: int, count: int,
+        answer_tokens: int) -> dict:
+    torch.manual_seed(0)
+    weights = "pretrained" if packaged_checkpoint(name) else "random"
+    vlm = tp.load_model(name, weights=weights, device="cpu")
+    train = create_dataset("synthetic_image", split="train", n_samples=n_samples)
+    test = create_dataset("synthetic_image", split="test", n_samples=heldout)
+    calibration = Calibration(vlm, list(train), answer_tokens=answer_tokens)
+    result = search(calibration, budget=budget, min_layer=min_layer, ops=ops)
+    randoms = random_policies(calibration, result.policy, count=count, min_layer=min_layer, seed=0)
+    held_out = Calibration(vlm, list(test), answer_tokens=answer_tokens)
+    rows = []
+    for label, policy in [("none (full model)", SkipPolicy()), ("searched", result.policy)] + \
+            [(f"random {i + 1}", p) for i, p in enumerate(randoms)]:
+        rows.append({"label": label, "policy": policy, "cost": policy.cost(1.0, 0.5),
+                     "calibration_kl": calibration.score(policy), "heldout_kl": held_out.score(policy),
+                     "accuracy": accuracy(vlm, test, policy)})
+    return {"model": name, "weights": weights, "rows": rows, "budget": budget, "n_samples": n_samples,
+            "heldout": heldout}
+
+
+def table(report: dict) -> str:
+    rows = report["rows"]
+    randoms = [r for r in rows if r["label"].startswith("random")]
+    searched = next(r for r in rows if r["label"] == "searched")
+    lines = [f"{report['model']} ({report['weights']} weights): search on {report['n_samples']} train samples, "
+             f"budget {report['budget']:g}; held out: {report['heldout']} test samples", "",
+             "| policy | MLP skips | attention skips | cost | calibration KL | held-out KL | held-out accuracy % |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {list(r['policy'].mlp)} | {list(r['policy'].attn)} | {r['cost']:g} | "
+                     f"{r['calibration_kl']:.3g} | {r['heldout_kl']:.3g} | {r['accuracy']:.1f} |")
+    if randoms:
+        lines.append(f"| random (median of {len(randoms)}) | | | {randoms[0]['cost']:g} | "
+                     f"{statistics.median(r['calibration_kl'] for r in randoms):.3g} | "
+                     f"{statistics.median(r['heldout_kl'] for r in randoms):.3g} | "
+                     f"{statistics.median(r['accuracy'] for r in randoms):.1f} |")
+        beaten = sum(searched["calibration_kl"] < r["calibration_kl"] for r in randoms)
+        lines += ["", f"searched policy: lower calibration KL than {beaten}/{len(randoms)} random policies, lower "
+                      f"held-out KL than {sum(searched['heldout_kl'] < r['heldout_kl'] for r in randoms)}/{len(randoms)}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny_llava", "tiny_qwen25vl"])
+    parser.add_argument("--n-samples", type=int, default=20)
+    parser.add_argument("--heldout", type=int, default=48)
+    parser.add_argument("--budget", type=float, default=3)
+    parser.add_argument("--ops", nargs="+", default=["mlp"], choices=["mlp", "attn"])
+    parser.add_argument("--min-layer", type=int, default=0)
+    parser.add_argument("--random", type=int, default=10, help="random policies of equal cost")
+    parser.add_argument("--answer-tokens", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="2 + 2 samples, budget 1, 2 random policies")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.n_samples, args.heldout, args.budget, args.random, args.answer_tokens = 2, 2, 1, 2, 3
+    reports = [run(name, args.n_samples, args.heldout, args.budget, args.ops, args.min_layer, args.random,
+                   args.answer_tokens) for name in args.models]
+    print("\n\n".join(table(report) for report in reports))
+    return reports
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Layer skip: wall time of the policy search on the tiny models (done-when: under 5 minutes on 2 CPU cores).
+
+    python benchmarks/layerskip_search.py                          # both tiny models, 20 samples, budget 4, beam 1
+    python benchmarks/layerskip_search.py --models tiny_llava --budget 9 --beam-width 2
+    python benchmarks/layerskip_search.py --smoke                  # seconds (run by tests/test_layerskip_benchmarks.py)
+
+The tiny models load as ``tp.load_model`` does by default: the packaged trained checkpoint when present, random
+weights otherwise (the column "weights" says which). Calibration samples: ``synthetic_image`` split ``train``.
+"answers" is the one-off part (greedy answers, reference log-probabilities, vision encoder outputs); "search"
+is everything after it; "forwards" counts the policy forwards (candidate scores + scalar fits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import tokenprune as tp
+from tokenprune.calibrate.layerskip import Calibration, search
+from tokenprune.data import create_dataset
+from tokenprune.models.zoo.checkpoints import packaged_checkpoint
+
+
+def load_default(name: str, device: str = "cpu"):
+    weights = "pretrained" if packaged_checkpoint(name) else "random"
+    return tp.load_model(name, weights=weights, device=device), weights
+
+
+def run(name: str, n_samples: int, budget: float, beam_width: int, answer_tokens: int, min_layer: int,
+        device: str = "cpu") -> dict:
+    torch.manual_seed(0)
+    vlm, weights = load_default(name, device)
+    dataset = create_dataset("synthetic_image", split="train", n_samples=n_samples)
+    started = time.perf_counter()
+    calibration = Calibration(vlm, [dataset[i] for i in range(n_samples)], answer_tokens=answer_tokens)
+    answered = time.perf_counter()
+    result = search(calibration, budget=budget, beam_width=beam_width, min_layer=min_layer)
+    finished = time.perf_counter()
+    return {"model": name, "weights": weights, "samples": n_samples, "budget": budget, "beam": beam_width,
+            "rounds": len(result.rounds), "forwards": result.calibration["forwards"],
+            "answers_s": answered - started, "search_s": finished - answered, "total_s": finished - started,
+            "policy": result.policy, "score": result.score, "cost": result.cost}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | weights | samples | budget | beam | rounds | forwards | answers s | search s | total s | "
+             "policy (MLP; attn) | score | cost |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        policy = f"{list(r['policy'].mlp)}; {list(r['policy'].attn)}"
+        lines.append(f"| {r['model']} | {r['weights']} | {r['samples']} | {r['budget']:g} | {r['beam']} | "
+                     f"{r['rounds']} | {r['forwards']} | {r['answers_s']:.1f} | {r['search_s']:.1f} | "
+                     f"{r['total_s']:.1f} | {policy} | {r['score']:.3g} | {r['cost']:g} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny_llava", "tiny_qwen25vl"])
+    parser.add_argument("--n-samples", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=4)
+    parser.add_argument("--beam-width", type=int, default=1)
+    parser.add_argument("--answer-tokens", type=int, default=10)
+    parser.add_argument("--min-layer", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="2 samples, budget 1")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.n_samples, args.budget, args.answer_tokens, args.min_layer = 2, 1, 3, 4
+    rows = [run(name, args.n_samples, args.budget, args.beam_width, args.answer_tokens, args.min_layer)
+            for name in args.models]
+    print(f"Layer-skip policy search, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}\n")
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

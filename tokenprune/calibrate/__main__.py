@@ -1,0 +1,48 @@
+"""``python -m tokenprune.calibrate <search> key=value ...``: searches that write a method's policy.
+
+    python -m tokenprune.calibrate layerskip model=qwen25vl_7b model.path=/models/Qwen2.5-VL-7B-Instruct \\
+        dataset=synthetic_image n_samples=20 beam_width=1 budget=9
+
+Overrides use Hydra syntax over ``tokenprune/conf/calibrate.yaml`` and the ``model/`` and ``dataset/`` groups.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from . import layerskip
+
+# search name -> (primary config in tokenprune/conf, runner taking the composed config)
+SEARCHES = {"layerskip": ("calibrate", layerskip.run_from_config)}
+USAGE = ("usage: python -m tokenprune.calibrate <search> [key=value ...]\n"
+         f"searches: {', '.join(SEARCHES)}\n"
+         "example: python -m tokenprune.calibrate layerskip model=tiny_llava dataset=synthetic_image "
+         "n_samples=20 beam_width=1 budget=4")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    name, overrides = argv[0], argv[1:]
+    if name not in SEARCHES:
+        print(f"error: unknown search {name!r}; available: {', '.join(SEARCHES)}\n{USAGE}", file=sys.stderr)
+        return 2
+    config_name, run = SEARCHES[name]
+    try:
+        with initialize_config_module(config_module="tokenprune.conf", version_base=None):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        run(cfg)
+    except (ValueError, HydraException, OmegaConfBaseException) as error:  # bad configuration: a clear message
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
