@@ -432,3 +432,26 @@ def test_video_tokens_count_as_visual():
         u = stock.hidden + stock_attention(layer, stock)
     assert torch.equal(skipped.output[:, video], 0.5 * u[:, video])
     torch.testing.assert_close(skipped.output[:, layout.text_rows()], stock.output[:, layout.text_rows()], **FP32)
+
+
+def test_the_prefill_report_counts_only_the_computed_rows(family):
+    """``PrefillReport.flops_override`` (what the runner records) removes the skipped visual rows' work."""
+    from tokenprune.run.measure import token_metrics
+
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(32))
+    layout = inputs.layout
+    config = vlm.adapter.text_config(vlm.model)
+    d, d_ff, n = config.hidden_size, config.intermediate_size, layout.num_visual
+    shape = DecoderShape.from_config(config)
+    assert shape.heads * shape.head_dim == d  # so the attention saving is 4 d^2 + 4 d k per visual query
+    with torch.no_grad(), tp.apply(vlm.model, "layerskip", mlp=[2, 4], attn=[3]) as session:
+        vlm.model(**inputs)
+    report = session.last_report
+    full = shape.layers * layer_flops(shape, layout.length)
+    keys = int((layout.visual_rows() + 1).sum())
+    assert report.flops_override == full - 2 * n * 6 * d * d_ff - (n * 4 * d * d + 4 * d * keys)
+    assert token_metrics(vlm, layout, report)["flops"]["tokenprune"] == report.flops_override
+    with torch.no_grad(), tp.apply(vlm.model, "fastv", layer=2, keep_ratio=0.5) as session:
+        vlm.model(**inputs)
+    assert session.last_report.flops_override is None  # no layer plan: the runner's own count stands

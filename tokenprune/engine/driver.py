@@ -30,7 +30,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ..methods.base import LayerStep, Method, Selection, VisualSequence, selectors_at
 from .layout import TokenLayout
 from .scores import attention_probabilities, project_keys, project_queries
-from .sublayers import run_planned_layer
+from .flops import DecoderShape, prefill_flops
+from .sublayers import run_planned_layer, skipped_flops
 
 STATE_ATTRIBUTE = "_tokenprune_state"
 
@@ -90,6 +91,8 @@ class PrefillReport:
     visual_entering_decoder: int = 0
     kept: dict[int, list[int]] = field(default_factory=dict)  # layer -> original rows of surviving visual tokens
     layer_plans: dict = field(default_factory=dict)  # layer -> LayerPlan that ran (layer skip), identity plans omitted
+    skipped_flops: float = 0.0  # tokenprune-convention FLOPs the layer plans did not compute
+    flops_override: float | None = None  # prefill FLOPs when layer plans ran (layer_tokens alone overcount them)
     stats: dict = field(default_factory=dict)  # method-reported numbers (segments, static fraction, ...)
     timer: OverheadTimer | None = None
 
@@ -146,6 +149,7 @@ class Driver:
         self.text_model = adapter.text_model(model)
         self.layers = list(self.text_model.layers)
         self.config = self.text_model.config
+        self.shape = DecoderShape.from_config(self.config)
         self.rope = adapter.rope
         self._handles: list = []
         self._wrapped_forwards: list = []
@@ -226,6 +230,8 @@ class Driver:
         report = state.report
         if report is not None:
             self.last_report = report
+            if report.layer_plans:
+                report.flops_override = prefill_flops(self.shape, report.layer_tokens) - report.skipped_flops
         state.decode.changed = state.changed
         if state.cache is not None:
             layer0 = state.cache.get_seq_length(0)
@@ -328,6 +334,7 @@ class Driver:
             state.plans[index] = plan if plan is not None and not plan.is_identity else None
             if state.plans[index] is not None:
                 state.report.layer_plans[index] = plan
+                state.report.skipped_flops += skipped_flops(self.shape, state.layouts[0], plan)
         if len(state.report.layer_tokens) == index:
             state.report.layer_tokens.append(hidden.shape[1])
             state.report.layer_visual.append(state.layouts[0].num_visual)

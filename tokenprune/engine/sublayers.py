@@ -149,6 +149,11 @@ def planned_layer_flops(shape: DecoderShape, layout: TokenLayout, plan=None) -> 
     return layer_flops(shape, tokens, attention_query_rows=query_rows, attention_key_sum=key_sum, mlp_rows=mlp_rows)
 
 
+def skipped_flops(shape: DecoderShape, layout: TokenLayout, plan) -> float:
+    """FLOPs that ``plan`` does not compute in a prefill layer over ``layout`` (0 for None / identity plans)."""
+    return layer_flops(shape, layout.length) - planned_layer_flops(shape, layout, plan)
+
+
 def planned_prefill_flops(shape: DecoderShape, layout: TokenLayout, plans: Mapping[int, object]) -> float:
     """tokenprune prefill FLOPs of a decoder whose layer l runs under ``plans.get(l)`` (no token pruning)."""
     return sum(planned_layer_flops(shape, layout, plans.get(layer)) for layer in range(shape.layers))
