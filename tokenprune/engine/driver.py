@@ -130,6 +130,7 @@ class CallState:
     changed: bool = False  # the sequence no longer equals the stock one
     select_layers: frozenset[int] = frozenset()
     saved_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    cached_originals: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> original rows it cached
     plans: dict = field(default_factory=dict)
     decode_tables: dict = field(default_factory=dict)  # shift -> (cos, sin) during a decode call
     stock_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -325,6 +326,8 @@ class Driver:
             hidden = self._select(index, state, hidden, kwargs)
         if (index + 1) in state.select_layers:
             state.saved_inputs = {index: hidden}  # queries of layer `index` for the selection at index + 1
+        if state.select_layers:
+            state.cached_originals[index] = [layout.original for layout in state.layouts]
         if state.changed:
             kwargs["position_embeddings"] = state.position_embeddings
             kwargs["attention_mask"] = state.masks[self._layer_type(index)]
@@ -383,6 +386,7 @@ class Driver:
             if all(keep.numel() == layout.length for keep, layout in zip(indices, state.layouts)) and not reindex:
                 return hidden  # the selection keeps everything: the sequence stays the stock one
             index_tensor = torch.stack(indices)  # [B, L']
+            entering = hidden.shape[1]
             hidden = hidden.gather(1, index_tensor[..., None].expand(-1, -1, hidden.shape[-1]))
             state.layouts = [layout.gather(keep) for layout, keep in zip(state.layouts, indices)]
             state.positions = state.positions.gather(2, index_tensor[:, None].expand(-1, state.positions.shape[1], -1))
@@ -391,7 +395,7 @@ class Driver:
             if reindex:
                 self._reindex_positions(index, state, hidden)
             if prune_before and state.cache is not None:
-                self._prune_earlier_caches(index, state.cache, index_tensor)
+                self._prune_earlier_caches(index, state, index_tensor, length=entering)
             state.changed = True
             state.masks = self._prefill_masks(hidden)
             state.report.kept[index] = state.layouts[0].original[state.layouts[0].is_visual].tolist()
@@ -459,12 +463,26 @@ class Driver:
             state.decode.layer_position_shift[layer] = shift
 
     @staticmethod
-    def _prune_earlier_caches(index: int, cache, index_tensor: torch.Tensor) -> None:
+    def _prune_earlier_caches(index: int, state: CallState, index_tensor: torch.Tensor, length: int) -> None:
+        """Keep only the surviving rows in the caches of the layers below ``index``.
+
+        ``index_tensor`` ``[B, L']`` indexes the sequence of ``length`` rows that entered this selection. A layer
+        whose cache is that long holds exactly those rows; a longer one (cached before an earlier selection without
+        ``prune_cache_before``) is mapped through the original row indices of what it cached.
+        """
+        cache = state.cache
+        survivors = [layout.original for layout in state.layouts]  # after the selection
         for layer in range(min(index, len(cache.layers))):
             cache_layer = cache.layers[layer]
-            gather = index_tensor[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[-1])
+            if cache_layer.keys.shape[-2] == length:
+                rows = index_tensor
+            else:
+                rows = torch.stack([_rows_of(cached, kept, layout.original_length) for cached, kept, layout in
+                                    zip(state.cached_originals[layer], survivors, state.layouts)])
+            gather = rows[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[-1])
             cache_layer.keys = cache_layer.keys.gather(2, gather)
             cache_layer.values = cache_layer.values.gather(2, gather)
+            state.cached_originals[layer] = survivors
 
     # -- before the decoder ------------------------------------------------------------------------------
     def _apply_before_llm(self, state: CallState, kwargs: dict) -> None:
@@ -566,6 +584,17 @@ class Driver:
                 "padded batches are not supported by token pruning: the samples would need different per-layer "
                 "cache lengths. Run batch size 1, or a batch of equal-length prompts without padding."
             )
+
+
+def _rows_of(cached: torch.Tensor, wanted: torch.Tensor, original_length: int) -> torch.Tensor:
+    """Positions in ``cached`` (original row indices of a cache's rows) of each of ``wanted``'s original rows."""
+    inverse = torch.full((original_length,), -1, dtype=torch.long, device=cached.device)
+    inverse[cached] = torch.arange(cached.numel(), device=cached.device)
+    rows = inverse[wanted]
+    if int((inverse >= 0).sum()) != cached.numel() or bool((rows < 0).any()):
+        raise PruningInputError("cannot prune an earlier layer's cache: its rows do not map one-to-one to original "
+                                "rows (a pre-LLM merge with shared first members?)")
+    return rows
 
 
 def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
