@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -14,6 +15,28 @@ from .base import Inputs, ModelAdapter, ModelInputError, register_adapter
 from .images import load_images
 
 VIDEO_OPTION_KEYS = ("fps", "nframes", "min_pixels", "max_pixels", "min_frames", "max_frames", "total_pixels")
+VIDEO_MIN_TOKENS = 128  # qwen-vl-utils' default minimum of LLM tokens per frame (min_pixels = 128 x factor^2)
+VIDEO_READER = "decord"  # qwen-vl-utils' reader; torchvision 0.29 has no read_video, torchcodec needs FFmpeg libraries
+
+
+def check_video_options(options: dict | None) -> dict:
+    """The video-reading options that are set (``model.video.*``), checked; raises ValueError naming the field."""
+    options = {key: value for key, value in (options or {}).items() if key in VIDEO_OPTION_KEYS and value is not None}
+    for key, value in options.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "fps":
+            if not number or not value > 0:
+                raise ValueError(f"model.video.fps must be a positive number (frames sampled per second), got {value!r}")
+        elif not number or int(value) != value or value < (2 if key == "nframes" else 1):
+            minimum = 2 if key == "nframes" else 1
+            raise ValueError(f"model.video.{key} must be an integer >= {minimum}, got {value!r}")
+    if "fps" in options and "nframes" in options:
+        raise ValueError("model.video: give fps or nframes, not both "
+                         f"(got fps={options['fps']!r}, nframes={options['nframes']!r})")
+    for low, high in (("min_pixels", "max_pixels"), ("min_frames", "max_frames")):
+        if low in options and high in options and options[low] > options[high]:
+            raise ValueError(f"model.video.{low}={options[low]} exceeds model.video.{high}={options[high]}")
+    return options
 
 
 @register_adapter
@@ -83,14 +106,19 @@ class Qwen25VLAdapter(ModelAdapter):
             outer.rope_deltas = outer.rope_deltas + position_offset
 
     def prepare(self, processor, model, sample: Sample, options: dict | None = None) -> Inputs:
-        options = dict(options or {})
+        options = check_video_options(options)
         content: list[dict] = []
         kwargs: dict = {}
+        frame_size = None
         if sample.video is not None:
             if sample.images:
                 raise ModelInputError("a sample has either images or a video, not both")
-            video, metadata, video_item = self._load_video(sample.video, options)
+            vision = model.config.vision_config
+            factor = vision.patch_size * vision.spatial_merge_size  # px per LLM token side
+            video, metadata, video_item = self._load_video(sample.video, options, factor)
+            frame_size = (len(video), *video.shape[-2:])
             content.append(video_item)
+            # the frames are already resized to the patch grid: a second resize by the processor would change them
             kwargs.update(videos=[video], video_metadata=[metadata], do_resize=False, do_sample_frames=False)
         images = load_images(sample.images)
         content += [{"type": "image"} for _ in images]
@@ -100,6 +128,8 @@ class Qwen25VLAdapter(ModelAdapter):
         if images:
             kwargs["images"] = images
         encoded = processor(text=[text], return_tensors="pt", **kwargs)
+        if frame_size is not None:
+            _check_video_grid(encoded["video_grid_thw"][0].tolist(), frame_size, model.config.vision_config, sample)
         inputs = Inputs(encoded)
         spec = self.visual_specs(model, dict(inputs))[0]
         inputs.layout = TokenLayout.from_input_ids(inputs["input_ids"][0], spec)
@@ -107,38 +137,72 @@ class Qwen25VLAdapter(ModelAdapter):
 
     def training_video_inputs(self, samples: list[Sample], options: dict | None = None) -> dict:
         """Processor kwargs for a batch of video samples (one video each), as ``prepare`` passes them."""
-        loaded = [self._load_video(s.video, dict(options or {})) for s in samples]
+        loaded = [self._load_video(s.video, check_video_options(options)) for s in samples]
         return {"videos": [frames for frames, _, _ in loaded], "video_metadata": [meta for _, meta, _ in loaded],
                 "do_resize": False, "do_sample_frames": False}
 
     @staticmethod
-    def _load_video(video, options: dict):
-        """Frames + metadata for the processor, from a file (qwen-vl-utils, decord) or decoded frames."""
+    def _load_video(video, options: dict, factor: int = 28):
+        """Frames ``[n, 3, H, W]`` (float 0-255, H and W multiples of ``factor`` = patch x merge) + metadata for the
+        processor, from a file (qwen-vl-utils with the decord reader) or already decoded ``VideoFrames``."""
         if isinstance(video, VideoFrames):
-            frames = torch.as_tensor(video.frames).float()
+            frames = torch.as_tensor(np.asarray(video.frames)).float()
+            if frames.dim() != 4 or frames.shape[1] != 3:
+                raise ModelInputError(f"VideoFrames.frames must be [n, 3, H, W], got {tuple(frames.shape)}")
             height, width = frames.shape[-2:]
-            if height % 28 or width % 28:
-                raise ModelInputError(f"video frames must be multiples of 28 px, got {height}x{width}")
+            if height % factor or width % factor:
+                raise ModelInputError(f"video frames must be multiples of {factor} px (patch x merge), "
+                                      f"got {height}x{width}")
             metadata = {"fps": video.fps, "frames_indices": list(video.frame_indices),
                         "total_num_frames": video.total_frames}
             return frames, metadata, {"type": "video"}
         path = str(video)
-        if not path.startswith(("http://", "https://")) and not Path(path.removeprefix("file://")).exists():
+        if not path.startswith(("http://", "https://")) and not Path(path.removeprefix("file://")).is_file():
             raise ModelInputError(f"video file not found: {path}")
-        item = {"type": "video", "video": path}
-        item.update({k: options[k] for k in VIDEO_OPTION_KEYS if options.get(k) is not None})
-        if "fps" in item and "nframes" in item:
-            raise ModelInputError("give video fps or nframes, not both")
-        os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
-        from qwen_vl_utils import process_vision_info
-
-        try:
+        minimum = VIDEO_MIN_TOKENS * factor * factor  # qwen-vl-utils' default min_pixels
+        if options.get("max_pixels", minimum) < options.get("min_pixels", minimum):
+            raise ValueError(f"model.video.max_pixels={options['max_pixels']} is below the default min_pixels "
+                             f"({VIDEO_MIN_TOKENS} tokens = {minimum} px for this model): "
+                             "set model.video.min_pixels too")
+        item = {"type": "video", "video": path, **options}
+        process_vision_info = _qwen_vl_utils()
+        try:  # qwen-vl-utils resizes to multiples of image_patch_size x 2 (its fixed spatial merge)
             _, videos, _ = process_vision_info([{"role": "user", "content": [item]}], return_video_kwargs=True,
-                                               return_video_metadata=True)
+                                               return_video_metadata=True, image_patch_size=factor // 2)
         except Exception as error:  # decoders raise many types for a corrupt file
-            raise ModelInputError(f"cannot read video {path}: {type(error).__name__}: {error}") from error
+            raise ModelInputError(f"cannot read video {path}: {_first_cause(error)}") from error
         frames, metadata = videos[0]
         return frames, metadata, {"type": "video"}
+
+
+def _qwen_vl_utils():
+    """qwen-vl-utils' ``process_vision_info`` with the decord reader (the reader is chosen once, at import)."""
+    if not os.environ.get("FORCE_QWENVL_VIDEO_READER"):  # unset, or empty (which it would take as a reader name)
+        os.environ["FORCE_QWENVL_VIDEO_READER"] = VIDEO_READER
+    from qwen_vl_utils import process_vision_info, vision_process
+
+    if vision_process.get_video_reader_backend() != os.environ["FORCE_QWENVL_VIDEO_READER"]:
+        raise RuntimeError("qwen_vl_utils was imported before tokenprune set FORCE_QWENVL_VIDEO_READER="
+                           f"{VIDEO_READER}; set it in the environment before importing qwen_vl_utils")
+    return process_vision_info
+
+
+def _first_cause(error: BaseException) -> str:
+    """The reader's own error: qwen-vl-utils retries a failed read with torchvision, whose error (torchvision 0.29
+    has no ``read_video``) would hide the real reason; that reason is the first exception of the chain."""
+    while error.__context__ is not None:
+        error = error.__context__
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
+
+
+def _check_video_grid(grid: list[int], frame_size: tuple[int, int, int], vision, sample: Sample) -> None:
+    """The processor must keep the frames as read: grid = (ceil(n / 2), H / patch, W / patch)."""
+    frames, height, width = frame_size
+    expected = [-(-frames // vision.temporal_patch_size), height // vision.patch_size, width // vision.patch_size]
+    if grid != expected:
+        raise ModelInputError(f"video of sample {sample.id}: the processor produced grid {grid} for {frames} frames "
+                              f"of {height}x{width} px, expected {expected} (was it resized twice?)")
 
 
 def _grid_iterator(grid_thw, merge: int):
