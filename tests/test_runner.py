@@ -250,6 +250,8 @@ def test_gpu_memory_returns_to_the_same_value_after_each_sample():
     (["run.n_samples=-3"], "run.n_samples must be a non-negative integer or null, got -3"),
     (["method.keep_ratio=1.5"], "fastv.keep_ratio must be a number in \\(0, 1\\]"),
     (["dataset.n_samples=-1"], "synthetic_image.n_samples must be an integer >= 0"),
+    (["model=tiny_qwen25vl", "model.video.fps=-1"], "model.video.fps must be a positive number"),
+    (["model=tiny_qwen25vl", "model.video.fps=2", "model.video.nframes=8"], "give fps or nframes, not both"),
 ])
 def test_bad_configuration_is_refused_before_loading_anything(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

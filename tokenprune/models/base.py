@@ -71,6 +71,10 @@ class ModelAdapter(ABC):
     def visual_specs(self, model, captured: dict | None) -> list[VisualSpec]:
         """One VisualSpec per sample of the current call (``captured``: the outer model's inputs)."""
 
+    def check_options(self, options: dict | None) -> dict:
+        """Preprocessing options (``model.video.*``) that are set, checked; ValueError naming the field."""
+        return {key: value for key, value in (options or {}).items() if value is not None}
+
     def after_shortened_prefill(self, model, position_offset: int) -> None:
         """Called when a prefill shortened the layer-0 cache (pre-LLM merging), so that a manual decode
         forward without ``position_ids`` still continues from the unpruned prompt length."""
@@ -211,6 +215,7 @@ def load_model(name: str, path: str | None = None, weights: str = "pretrained", 
     if attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
         raise ValueError("model.attn_implementation must be one of ['sdpa', 'eager', 'flash_attention_2', "
                          f"'flash_attention_3'], got {attn_implementation!r}")
+    options = adapter.check_options(options)
     torch_dtype = DTYPES[dtype]
     target = resolve_device(device)
     path = path or spec.default_path()
@@ -235,7 +240,7 @@ def load_model(name: str, path: str | None = None, weights: str = "pretrained", 
             processor = spec.random_processor() if spec.random_processor else None
         model = adapter.build_random(config, torch_dtype, attn_implementation, seed)
     model = model.to(target).eval()
-    return VLM(name=name, model=model, processor=processor, adapter=adapter, options=dict(options or {}))
+    return VLM(name=name, model=model, processor=processor, adapter=adapter, options=options)
 
 
 def _looks_like_hub_id(path: str) -> bool:

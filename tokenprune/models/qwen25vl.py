@@ -46,6 +46,9 @@ class Qwen25VLAdapter(ModelAdapter):
     rope = "mrope"
     visual_input_keys = ("image_grid_thw", "video_grid_thw", "position_ids")
 
+    def check_options(self, options: dict | None) -> dict:
+        return check_video_options(options)
+
     def vision_model(self, model):
         return model.model.visual
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .. import methods as method_registry
 from ..data import available_datasets, create_dataset
-from ..models import available_models, load_model, model_spec
+from ..models import adapter_named, available_models, load_model, model_spec
 from .measure import measure_generation, release_memory
 from .results import SUMMARY_FILE, ResultStore, format_table, read_records, summarize
 
@@ -121,6 +121,10 @@ def build_plan(cfg: DictConfig, command_has_arguments: bool = True) -> Plan:
         raise ConfigError(f"model.path is required for model={name} (a local checkpoint directory"
                           + (f", e.g. a copy of {spec.hub_id})" if spec.hub_id else ")")
                           + "; or weights=random for the architecture with random weights")
+    try:
+        adapter_named(spec.family).check_options(model.get("video"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     run = cfg.run
     n_samples = run.get("n_samples")
     if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0):
