@@ -34,6 +34,7 @@ from .flops import DecoderShape, prefill_flops
 from .sublayers import run_planned_layer, skipped_flops
 
 STATE_ATTRIBUTE = "_tokenprune_state"
+MIN_SCORE_CHUNK_BYTES = 4 * 2**20
 
 
 class PruningInputError(ValueError):
@@ -427,10 +428,17 @@ class Driver:
             q = project_queries(decoder_layer, source, queries, *tables, rope=rope)
             k = cached_keys if cached_keys is not None else project_keys(decoder_layer, source, *tables, rope=rope)
             probs = attention_probabilities(q, k, queries, keys, decoder_layer.self_attn.scaling,
-                                            causal=causal, heads=heads, reduce=reduce)
+                                            causal=causal, heads=heads, reduce=reduce,
+                                            chunk_bytes=self._score_budget(source))
             return probs[0]
 
         return LayerStep(index, sample_hidden, positions, layout, scorer, state.report.stats)
+
+    def _score_budget(self, hidden: torch.Tensor) -> int:
+        """Bytes of one score block: the size of the layer's own MLP activation for this sequence, so scoring
+        never raises the prefill's peak memory above what the layer itself needs (at least MIN_SCORE_CHUNK)."""
+        mlp_activation = hidden.shape[0] * hidden.shape[1] * self.config.intermediate_size * hidden.element_size()
+        return max(MIN_SCORE_CHUNK_BYTES, mlp_activation)
 
     @staticmethod
     def _cached_keys(cache, layer: int, b: int, length: int):
