@@ -24,6 +24,16 @@ from tokenprune.models.zoo.checkpoints import packaged_checkpoint
 N_SAMPLES, ANSWER_TOKENS = 4, 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP threads per test
+    process oversubscribe the cores (measured: several times slower). Restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def samples(n=N_SAMPLES, split="train"):
     dataset = create_dataset("synthetic_image", split=split, n_samples=n)
     return [dataset[i] for i in range(n)]
