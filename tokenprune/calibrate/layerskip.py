@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
 import json
 import math
 import random
@@ -442,11 +441,6 @@ def fit_policy(calibration: Calibration, order: Sequence[tuple[str, int]]) -> Sk
         policy = policy.plus(op, layer, (mlp if op == "mlp" else attn)[layer])
     return policy
 
-
-def candidate_sets(num_layers: int, n_mlp: int, n_attn: int, min_layer: int):
-    """Every (mlp set, attn set) with the given sizes over layers ``>= min_layer`` (for exhaustive checks)."""
-    layers = range(min_layer, num_layers)
-    return itertools.product(itertools.combinations(layers, n_mlp), itertools.combinations(layers, n_attn))
 
 
 # ---------------------------------------------------------------------------------------------------------
