@@ -46,8 +46,12 @@ class Clock:
             torch.cuda.synchronize()
 
 
-class _Spans:
-    """Start / end timestamps of every call of one module."""
+class Spans:
+    """Start / end timestamps of every call of one module (forward pre-hook / forward hook).
+
+    Hooks run in registration order: register a ``Spans`` before other hooks on the module (e.g. before
+    ``tokenprune.apply``) so that their work falls inside the measured span.
+    """
 
     def __init__(self, module, clock: Clock):
         self.clock, self.starts, self.ends = clock, [], []
@@ -115,21 +119,57 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class PeakMemory:
+    """Peak memory from ``start()`` to ``stop()``: CUDA allocated bytes on GPU, the process RSS high-water
+    mark on CPU (Linux ``/proc``; indicative only). ``before``: bytes in use at ``start()``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda_allocated" if self.cuda else "process_rss"
+        self.before = 0
+        self.peak: int | None = None
+
+    def start(self) -> "PeakMemory":
+        release_memory()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = int(torch.cuda.memory_allocated(self.device))
+        else:
+            peak_rss_reset()
+            self.before = current_rss_bytes()
+        return self
+
+    def stop(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak = peak_rss_bytes()
+        return self
+
+    @property
+    def extra(self) -> int | None:
+        """Peak minus the bytes in use at ``start()`` (activations, caches, workspaces)."""
+        return None if self.peak is None else max(0, self.peak - self.before)
+
+    def __enter__(self) -> "PeakMemory":
+        return self.start()
+
+    def __exit__(self, *exc) -> bool:
+        self.stop()
+        return False
+
+
 def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=None) -> RunMeasurement:
     """Generate greedily under ``method`` and measure it (see the module docstring)."""
     model, adapter = vlm.model, vlm.adapter
     device = vlm.device
     clock = Clock(device)
-    cuda = device.type == "cuda"
-    release_memory()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        memory_before = torch.cuda.memory_allocated(device)
-    else:
-        peak_rss_reset()
-        memory_before = current_rss_bytes()
-    spans = {"vision": _Spans(adapter.vision_model(model), clock), "decoder": _Spans(adapter.text_model(model), clock),
-             "model": _Spans(model, clock)}
+    memory = PeakMemory(device).start()
+    spans = {"vision": Spans(adapter.vision_model(model), clock), "decoder": Spans(adapter.text_model(model), clock),
+             "model": Spans(model, clock)}
     prompt_length = inputs["input_ids"].shape[1]
     cache_after_prefill = {}
 
@@ -165,15 +205,10 @@ def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=No
         "kv_cache_bytes": cache_after_prefill.get("bytes", 0),
         "attention_backend": str(model.config._attn_implementation),
     }
-    if cuda:
-        metrics["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        metrics["extra_peak_memory_bytes"] = metrics["peak_memory_bytes"] - int(memory_before)
-        metrics["memory_kind"] = "cuda_allocated"
-    else:
-        peak = peak_rss_bytes()
-        metrics["peak_memory_bytes"] = peak
-        metrics["extra_peak_memory_bytes"] = None if peak is None else max(0, peak - memory_before)
-        metrics["memory_kind"] = "process_rss"
+    memory.stop()
+    metrics["peak_memory_bytes"] = memory.peak
+    metrics["extra_peak_memory_bytes"] = memory.extra
+    metrics["memory_kind"] = memory.kind
     metrics.update(token_metrics(vlm, inputs.layout, report))
     return RunMeasurement(new_ids, report, metrics)
 
