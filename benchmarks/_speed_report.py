@@ -162,7 +162,7 @@ def plot(results: dict, path: Path) -> Path:
 
     rows = _ok(results["rows"])
     models = list(dict.fromkeys(r["model"] for r in rows)) or ["(no rows)"]
-    figure, axes = plt.subplots(len(models), 2, figsize=(15, 5.5 * len(models)), squeeze=False)
+    figure, axes = plt.subplots(len(models), 2, figsize=(15, 7.5 * len(models)), squeeze=False)
     for (left, right), model in zip(axes, models):
         own = [r for r in rows if r["model"] == model and r.get("prefill_vs_ideal") is not None]
         labels = list(dict.fromkeys((r["label"], r["input"]) for r in own))
@@ -183,7 +183,7 @@ def plot(results: dict, path: Path) -> Path:
         left.set_xlabel("visual tokens N")
         left.set_ylabel("measured prefill / ideal")
         left.set_title(f"{model}: prefill against the ideal (red: 1.05)")
-        left.legend(fontsize=6, ncol=2)
+        left.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(0, -0.12))  # below: keep the data clear
         limit = max([r.get("ideal_speedup") or 1 for r in own] + [r.get("speedup") or 1 for r in own] + [1.5])
         right.plot([0, limit], [0, limit], color="black", linewidth=0.8)
         right.set_xlabel("ideal speed-up over the unpruned prefill")
