@@ -90,12 +90,18 @@ class PrefillReport:
     layer_visual: list[int] = field(default_factory=list)  # visual tokens entering each layer
     tokens_entering_decoder: int = 0
     visual_entering_decoder: int = 0
-    kept: dict[int, list[int]] = field(default_factory=dict)  # layer -> original rows of surviving visual tokens
+    kept_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> original rows of surviving visual tokens
     layer_plans: dict = field(default_factory=dict)  # layer -> LayerPlan that ran (layer skip), identity plans omitted
     skipped_flops: float = 0.0  # tokenprune-convention FLOPs the layer plans did not compute
     flops_override: float | None = None  # prefill FLOPs when layer plans ran (layer_tokens alone overcount them)
     stats: dict = field(default_factory=dict)  # method-reported numbers (segments, static fraction, ...)
     timer: OverheadTimer | None = None
+
+    @property
+    def kept(self) -> dict[int, list[int]]:
+        """Layer -> original row indices of the visual tokens that survived the selection at that layer (read
+        after the call: converting to lists synchronises with the device)."""
+        return {layer: rows.tolist() for layer, rows in self.kept_rows.items()}
 
     @property
     def visual_layer_mean(self) -> float:
@@ -399,7 +405,7 @@ class Driver:
                 self._prune_earlier_caches(index, state, index_tensor, length=entering)
             state.changed = True
             state.masks = self._prefill_masks(hidden)
-            state.report.kept[index] = state.layouts[0].original[state.layouts[0].is_visual].tolist()
+            state.report.kept_rows[index] = state.layouts[0].original[state.layouts[0].is_visual]
         return hidden
 
     def _layer_step(self, index, state, hidden, position_embeddings, b, keep) -> LayerStep:
@@ -454,9 +460,14 @@ class Driver:
         rows = selection.indices
         if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{selector.name}.select must return 1-D integer indices, got {tuple(rows.shape)} {rows.dtype}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= length):
+        if rows.numel() == 0:
+            return
+        # one host-device synchronisation for both checks
+        in_range, ascending = torch.stack([(rows.min() >= 0) & (rows.max() < length),
+                                           (rows[1:] > rows[:-1]).all()]).tolist()
+        if not in_range:
             raise ValueError(f"{selector.name}.select at layer {layer} returned rows outside [0, {length})")
-        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        if not ascending:
             raise ValueError(f"{selector.name}.select at layer {layer} must return strictly ascending rows")
 
     def _reindex_positions(self, index: int, state: CallState, hidden: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ that grid and which row of the original prompt it came from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -125,13 +126,14 @@ class TokenLayout:
     def length(self) -> int:
         return self.kind.shape[0]
 
-    @property
+    @cached_property
     def is_visual(self) -> torch.Tensor:
         """``[L]`` bool."""
         return self.kind != TEXT
 
-    @property
+    @cached_property
     def num_visual(self) -> int:
+        """Counted once per layout (one host-device sync), not once per layer."""
         return int(self.is_visual.sum())
 
     def visual_rows(self) -> torch.Tensor:
