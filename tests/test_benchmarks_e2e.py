@@ -7,6 +7,7 @@ without paying the interpreter start-up per benchmark); one test runs the real c
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -33,11 +34,16 @@ BENCHMARKS = sorted(fb.BUILDERS)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound: one intra-op thread is as fast alone and much faster on a busy machine."""
+def fast_process():
+    """Tiny models are latency-bound: one intra-op thread is as fast alone and much faster on a busy machine. The
+    runner collects garbage after every generation; frozen long-lived objects (everything the test session has
+    imported) keep each collection from walking the whole heap of this process."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
     yield
+    gc.unfreeze()
     torch.set_num_threads(previous)
 
 
@@ -70,6 +76,18 @@ def run_in_process(arguments: list[str], monkeypatch) -> None:
         runpy.run_module("tokenprune", run_name="__main__", alter_sys=False)
     except SystemExit as exit:  # a configuration error
         pytest.fail(f"python -m tokenprune exited with {exit.code}")
+
+
+def test_a_missing_video_dir_stops_the_command_with_a_clear_error(copies, tmp_path, monkeypatch, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["tokenprune", *command("egoschema", {"path": copies["egoschema"]["path"]}, tmp_path)])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("tokenprune", run_name="__main__", alter_sys=False)
+    assert exit.value.code == 2
+    assert "configuration error: dataset=egoschema: egoschema needs dataset.video_dir" in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict]:
