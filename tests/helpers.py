@@ -26,6 +26,26 @@ class Replay(Method):
         return step.keep_visual(step.layout.visual_rows()[is_kept[step.layout.visual_rows()]])
 
 
+def forced_generation(vlm, new_tokens: int) -> dict:
+    """``generate`` kwargs for exactly ``new_tokens`` greedy tokens that never emit an image / video placeholder
+    (a random model may; the prompt replayed with one would be invalid)."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, suppress_tokens=_placeholder_ids(vlm))
+
+
+def forced_choice(vlm, logits: torch.Tensor) -> int:
+    """The token ``forced_generation`` picks from raw last-row ``logits`` ``[1, V]``: greedy without end-of-turn
+    (``min_new_tokens``) and without visual placeholders."""
+    allowed = logits.clone()
+    allowed[:, _placeholder_ids(vlm) + [vlm.model.generation_config.eos_token_id or vlm.model.config.eos_token_id]] = float("-inf")
+    return int(allowed.argmax())
+
+
+def _placeholder_ids(vlm) -> list[int]:
+    config = vlm.model.config
+    return [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+
+
 def eager_attentions(vlm, inputs, method: Method | None = None):
     """Stock eager attention maps (``[H, L_l, L_l]`` per layer), optionally under ``method``'s pruning."""
     import tokenprune as tp

@@ -5,7 +5,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
-from helpers import Replay
+from helpers import Replay, forced_choice, forced_generation
 from tokenprune.engine.driver import PruningInputError
 
 METHODS = [
@@ -18,8 +18,7 @@ NEW_TOKENS = 8
 
 def _generate(vlm, inputs, method, fields):
     with torch.no_grad(), tp.apply(vlm.model, method, **fields) as session:
-        out = vlm.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
+        out = vlm.model.generate(**inputs, **forced_generation(vlm, NEW_TOKENS))
     return out, session.last_report
 
 
@@ -39,7 +38,7 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, name, f
         with torch.no_grad(), tp.apply(vlm.model, replay):
             recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]  # the whole pruned prefill again
         torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences
-        assert int(recomputed.argmax()) == int(out.sequences[0, prompt_length + step])
+        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
 
 
 @pytest.mark.parametrize("name,fields", METHODS, ids=[m for m, _ in METHODS])

@@ -24,7 +24,7 @@ import tokenprune as tp
 import tokenprune.engine.driver as driver_module
 import tokenprune.engine.scores as scores_module
 from conftest import hook_snapshot, make_image, make_sample, stock_logits, tiny_vlm
-from helpers import Replay, current_rows, eager_attentions, topk_original
+from helpers import Replay, current_rows, eager_attentions, forced_choice, forced_generation, topk_original
 from tokenprune.engine.flops import DecoderShape, paper_flops
 from tokenprune.models.zoo.real import llava15_config
 from tokenprune.models.zoo.tiny import tiny_llava_config, tiny_llava_processor
@@ -351,14 +351,13 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, kind):
     inputs = vlm.prepare(INPUTS[kind](35))
     fields = dict(text_layer=1, image_layer=3, text_keep=0.5, image_keep=0.125)
     with torch.no_grad(), tp.apply(vlm.model, "himap", **fields) as session:
-        out = vlm.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
+        out = vlm.model.generate(**inputs, **forced_generation(vlm, new_tokens))
         cached_report = session.last_report
         uncached = vlm.model(**inputs, use_cache=False).logits[:, -1]  # official style: no cache, pruned prefill
         uncached_report = session.last_report
     assert uncached_report.kept == cached_report.kept
     torch.testing.assert_close(out.logits[0], uncached, rtol=1e-5, atol=1e-5)  # fp32 kernel differences only
-    assert int(uncached.argmax()) == int(out.sequences[0, inputs["input_ids"].shape[1]])
+    assert forced_choice(vlm, uncached) == int(out.sequences[0, inputs["input_ids"].shape[1]])
 
     prompt_length = inputs["input_ids"].shape[1]
     replay = Replay(kept=cached_report.kept)
@@ -371,7 +370,7 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, kind):
         with torch.no_grad(), tp.apply(vlm.model, replay):
             recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
         torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)
-        assert int(recomputed.argmax()) == int(out.sequences[0, prompt_length + step])
+        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import yaml
 
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
+from helpers import forced_choice, forced_generation
 from tokenprune.engine.flops import DecoderShape, layer_flops
 from tokenprune.engine.sublayers import planned_prefill_flops
 from tokenprune.methods.layerskip import LayerSkip, SkipPolicy
@@ -260,8 +261,7 @@ def test_cached_generation_equals_teacher_forced_forwards(family):
     inputs = vlm.prepare(make_sample(26))
     steps = 5
     with torch.no_grad(), tp.apply(vlm.model, "layerskip", **POLICY):
-        out = vlm.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
+        out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
         prompt = inputs["input_ids"].shape[1]
         for step in range(steps):
             extended = dict(inputs)
@@ -271,7 +271,7 @@ def test_cached_generation_equals_teacher_forced_forwards(family):
                 extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
             recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[step], recomputed, **FP32)
-            assert int(recomputed.argmax()) == int(out.sequences[0, prompt + step])
+            assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt + step])
     stock = stock_logits(vlm, inputs)[:, -1]
     assert not torch.allclose(out.logits[0], stock, **FP32)  # the policy really acted
 
