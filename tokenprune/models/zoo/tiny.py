@@ -27,7 +27,7 @@ frame frames first last appeared appears moving move moves direction left right 
 centre center middle corner square circle triangle cross star diamond ring bar red green blue yellow purple
 orange white black gray grey cyan pink brown zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6
 7 8 9 10 yes no there answer question with word single phrase using options option letter choose from A B C D E
-user assistant system you helpful are . , ? : ; ! ( ) - ' " before after same different than more fewer most
+user assistant system you You helpful are . , ? : ; ! ( ) - ' " before after same different than more fewer most
 largest smallest big small position where row column stays still static
 """.split()
 
