@@ -10,6 +10,7 @@ Splits, configs and columns are checked before any sample is built; every error 
 from __future__ import annotations
 
 import functools
+from abc import abstractmethod
 import hashlib
 import random
 import re
@@ -238,11 +239,13 @@ class Benchmark(Dataset):
     def check(self) -> None:
         """Checks of the configuration that need no data (run before loading anything)."""
 
+    @abstractmethod
     def make_scorer(self):
-        raise NotImplementedError
+        """The benchmark's official scorer."""
 
+    @abstractmethod
     def build(self, row: dict, sample_id: str) -> Sample:
-        raise NotImplementedError
+        """One table row as a sample."""
 
     def groups(self, table) -> list | None:
         """One key per row for rows that ``limit`` must keep together (None: every row alone)."""

@@ -91,6 +91,14 @@ def conversation(sample: Sample, extra_turns: int, tasks: list[str],
     return messages, [evidence for _, _, evidence in turns]
 
 
+def capture_layer_input(layer, captured: dict, key: str):
+    """Pre-hook storing ``(hidden_states, position_embeddings)`` entering ``layer`` as ``captured[key]``."""
+    return layer.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(
+            {key: (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])}),
+        with_kwargs=True)
+
+
 def placeholder_ids(model) -> torch.Tensor:
     """Token ids of the model's image / video placeholders (the rows that carry visual tokens)."""
     config = model.config
@@ -399,15 +407,9 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
     capture = adapter.text_model(model).register_forward_pre_hook(
         lambda module, args, kwargs: captured.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True)
     look_layer = adapter.text_model(model).layers[recipe.look_layer]
-    capture_look = look_layer.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(
-            hidden=args[0] if args else kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"]),
-        with_kwargs=True)
+    capture_look = capture_layer_input(look_layer, captured, "look")
     read_layer = adapter.text_model(model).layers[recipe.read_layer]
-    capture_read = read_layer.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(
-            read_hidden=args[0] if args else kwargs["hidden_states"], read_positions=kwargs["position_embeddings"]),
-        with_kwargs=True)
+    capture_read = capture_layer_input(read_layer, captured, "read")
     visual_ids = placeholder_ids(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
     images, videos = sample_stream(recipe, False), sample_stream(recipe, True) if recipe.video_every else None
@@ -426,13 +428,13 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
         if recipe.look_weight:
             masks = evidence_masks(vlm, samples, batch, lookups, recipe.look_heads)  # [n_lookups, heads, L]
             supervised = masks.flatten(1).any(dim=1)
-            mass = evidence_attention(look_layer, captured["hidden"], captured["position_embeddings"],
+            mass = evidence_attention(look_layer, *captured["look"],
                                       [lk for lk, keep in zip(lookups, supervised) if keep], masks[supervised], recipe.look_heads)
             parts["look"] = recipe.look_weight * -torch.log(mass + 1e-4).mean()
         if recipe.read_weight:
             masks = key_word_masks(vlm, batch, lookups, recipe.look_heads)  # [n_lookups, heads, L]
             supervised = masks.flatten(1).any(dim=1)
-            mass = evidence_attention(read_layer, captured["read_hidden"], captured["read_positions"],
+            mass = evidence_attention(read_layer, *captured["read"],
                                       [lk for lk, keep in zip(lookups, supervised) if keep], masks[supervised],
                                       recipe.look_heads)
             parts["read"] = recipe.read_weight * -torch.log(mass + 1e-4).mean()
