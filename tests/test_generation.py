@@ -165,3 +165,21 @@ def test_text_only_input_passes_through_with_a_warning(family):
         with pytest.warns(UserWarning, match="no visual tokens"):
             logits = vlm.model(**inputs).logits
     assert torch.equal(logits, reference)
+
+
+def test_generate_prunes_once_at_prefill_and_decodes_on_the_pruned_cache(family):
+    """Every supported transformers passes the cache to the decoder under its own keyword (``past_key_values``
+    up to 5.23, ``cache`` from 5.24): decode steps must be recognised as decoding, not as fresh prefills of one
+    text token (which would warn about missing visual tokens and overwrite the prefill's report)."""
+    import warnings
+
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(13))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, report = _generate(vlm, inputs, "fastv", {"layer": 2, "keep_ratio": 0.25})
+    assert not [w for w in caught if "no visual tokens" in str(w.message)]
+    n = inputs.layout.num_visual
+    assert report.prompt_tokens == inputs["input_ids"].shape[1]
+    assert report.layer_visual == [n, n] + [round(n * 0.25)] * 4
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS

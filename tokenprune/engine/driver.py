@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .compat import cache_argument, cache_keyword, set_cache_argument
 from ..methods.base import LayerStep, Method, Selection, VisualSequence, selectors_at
 from .layout import TokenLayout
 from .scores import attention_probabilities, project_keys, project_queries
@@ -218,7 +219,7 @@ class Driver:
             embeds = module.embed_tokens(input_ids)
             kwargs["inputs_embeds"], kwargs["input_ids"] = embeds, None
             args = ()
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         use_cache = kwargs.get("use_cache")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         prefill = cache is None or cache.get_seq_length() == 0
@@ -252,10 +253,10 @@ class Driver:
         batch, length = embeds.shape[:2]
         positions = self._rope_positions(kwargs.get("position_ids"), batch, length, embeds.device, past=0)
         layouts = self._layouts(batch, length, embeds.device)
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-            kwargs["past_key_values"] = cache
+            set_cache_argument(kwargs, type(self.text_model).forward, cache)
         if cache is not None and type(cache) is not DynamicCache:
             raise PruningInputError(
                 f"tokenprune prunes into a DynamicCache; got {type(cache).__name__}. "
@@ -560,8 +561,9 @@ class Driver:
     def _prefill_masks(self, hidden: torch.Tensor) -> dict:
         """Masks of a shortened prefill, built without the partly filled cache."""
         batch, length = hidden.shape[:2]
-        mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+        mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None,
                            position_ids=torch.arange(length, device=hidden.device)[None].expand(batch, -1))
+        mask_kwargs[cache_keyword(create_causal_mask)] = None
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)

@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from .compat import cache_argument, set_cache_argument
 from .flops import DecoderShape, causal_key_sum, layer_flops
 from .layout import TokenLayout
 from .scores import apply_rope
@@ -60,6 +61,7 @@ def run_planned_layer(layer, plan, layouts, hidden_states: torch.Tensor, attenti
     if plan.skip_attn and kwargs.get("output_attentions"):
         raise ValueError(f"output_attentions=True cannot be combined with an attention skip (layer "
                          f"{layer.self_attn.layer_idx}): visual rows have no attention map there")
+    past_key_values = cache_argument({"past_key_values": past_key_values, "cache": kwargs.pop("cache", None)})
     rows = PlanRows.of(layouts)
     residual = hidden_states
     normed = layer.input_layernorm(hidden_states)
@@ -69,9 +71,10 @@ def run_planned_layer(layer, plan, layouts, hidden_states: torch.Tensor, attenti
                                               past_key_values, attention_mask)  # [B, C, d]
         after_attention = rows.combine(residual, residual[:, rows.compute] + attention_rows, plan.attn_scale)
     else:
+        set_cache_argument(kwargs, type(layer.self_attn).forward, past_key_values)
         attention_output, _ = layer.self_attn(
             hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
         )
         after_attention = residual + attention_output
 

@@ -1,0 +1,31 @@
+"""Differences between the transformers versions tokenprune supports (>= 5.17, < 6).
+
+transformers 5.24 renamed the KV-cache keyword of the decoder forwards from ``past_key_values`` to ``cache``
+(the old name is still accepted, with a deprecation warning, and ignored when both are given). tokenprune
+reads whichever the caller used and passes the cache on under the name the receiving function declares.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+
+@lru_cache(maxsize=None)
+def cache_keyword(function) -> str:
+    """``"cache"`` or ``"past_key_values"``: the keyword under which ``function`` (a forward or a mask builder)
+    takes the KV cache in the installed transformers."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def cache_argument(kwargs: dict):
+    """The KV cache in a forward's keyword arguments, under either name (None: no cache)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def set_cache_argument(kwargs: dict, function, cache) -> None:
+    """Put ``cache`` into ``kwargs`` under ``function``'s keyword, removing the other name."""
+    keyword = cache_keyword(function)
+    kwargs.pop("past_key_values" if keyword == "cache" else "cache", None)
+    kwargs[keyword] = cache
