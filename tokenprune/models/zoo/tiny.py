@@ -74,7 +74,7 @@ def qwen_tokenizer() -> PreTrainedTokenizerFast:
 # ---------------------------------------------------------------------------------------------------------
 def tiny_llava_config(image_size: int = 84, patch_size: int = 14, layers: int = 6, hidden: int = 64,
                       heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vision_hidden: int = 32,
-                      vision_layers: int = 2, vision_heads: int = 2) -> LlavaConfig:
+                      vision_layers: int = 2, vision_heads: int = 2, rope_theta: float = 10000.0) -> LlavaConfig:
     tokenizer_vocab = len(llava_tokenizer())
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                               num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,
@@ -82,7 +82,7 @@ def tiny_llava_config(image_size: int = 84, patch_size: int = 14, layers: int = 
     text = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=tokenizer_vocab,
                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                       tie_word_embeddings=False)
+                       tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_SPECIALS.index("<image>"),
                        vision_feature_select_strategy="default", vision_feature_layer=-2,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -101,7 +101,8 @@ def tiny_llava_processor(image_size: int = 84, patch_size: int = 14) -> LlavaPro
 # ---------------------------------------------------------------------------------------------------------
 def tiny_qwen25vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                          intermediate: int = 128, vision_hidden: int = 32, vision_depth: int = 2,
-                         window_size: int = 56, patch_size: int = 14, vision_heads: int = 2) -> Qwen2_5_VLConfig:
+                         window_size: int = 56, patch_size: int = 14, vision_heads: int = 2,
+                         rope_theta: float = 10000.0) -> Qwen2_5_VLConfig:
     vocab = len(qwen_tokenizer())
     head_dim = hidden // heads
     section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
@@ -111,7 +112,7 @@ def tiny_qwen25vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_h
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                          max_position_embeddings=4096, bos_token_id=None, eos_token_id=QWEN_SPECIALS.index("<|im_end|>"),
                          pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"), tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section}),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                            num_heads=vision_heads, out_hidden_size=hidden, patch_size=patch_size, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[vision_depth - 1],
@@ -140,9 +141,10 @@ def tiny_qwen25vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 168 * 1
 # The trained tiny models (architecture of the packaged checkpoints; weights=random builds it untrained)
 # ---------------------------------------------------------------------------------------------------------
 TRAINED_LLAVA = dict(image_size=168, patch_size=14, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384,
-                     vision_hidden=96, vision_layers=4, vision_heads=4)  # 12 x 12 = 144 visual tokens
+                     vision_hidden=96, vision_layers=4, vision_heads=4,
+                     rope_theta=1e6)  # 12 x 12 = 144 visual tokens
 TRAINED_QWEN = dict(layers=6, hidden=128, heads=4, kv_heads=2, intermediate=384, vision_hidden=96, vision_depth=4,
-                    vision_heads=4, patch_size=7, window_size=56)  # 168 px -> 24 x 24 patches -> 12 x 12 = 144
+                    vision_heads=4, patch_size=7, window_size=56, rope_theta=1e6)  # 168 px -> 24 x 24 patches -> 12 x 12 = 144
 
 
 def trained_llava_config() -> LlavaConfig:
