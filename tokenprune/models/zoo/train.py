@@ -8,12 +8,16 @@ that the stock classes load with ``from_pretrained``, exactly like a real checkp
 Training objective (all terms on the stock model; the helpers are training-only and not saved):
 - teacher-forced cross-entropy on the answer tokens (and end-of-turn) of prompts built with the model's own
   chat template, with extra question turns about the same image (more lookups per image forward);
-- dense auxiliary heads on the visual tokens entering the decoder (colour, shape and grid cell under each
-  token), which make the vision tower informative within minutes;
-- evidence attention: ``-log`` of the attention mass that the row predicting an answer puts, in one decoder
-  layer (best head), on the tokens of the objects the answer depends on — the model learns where to look.
-A CLIP-style absolute position table starts from 2-D sine-cosine values. AdamW with warm-up and cosine
-decay; image and (Qwen2.5-VL) video batches interleaved.
+- dense auxiliary heads on the visual tokens entering the decoder (colour, shape, grid cell and motion under
+  each token), which make the vision tower informative within minutes;
+- a two-hop lookup taught directly: in the read layer, fixed heads of the row that predicts an answer attend
+  to the question's key words (``-log`` attention mass) and a linear key probe must read those words from
+  that layer's output; in the look layer, fixed heads attend to the tokens of the objects the answer depends
+  on. Without the probe the read heads fetch the words too faintly (tiny value / output maps) and the
+  answer loss sits at an image-blind plateau for hundreds of steps.
+A CLIP-style absolute position table starts from 2-D sine-cosine values; the decoders use a large RoPE base
+(1e6, as Qwen2.5-VL) so that content matching survives the 150-token distance to the image. AdamW with
+warm-up and cosine decay; image and (Qwen2.5-VL) video batches interleaved.
 """
 
 from __future__ import annotations
@@ -59,13 +63,15 @@ class Recipe:
     position_scale: float = 1.0  # initial scale of an absolute position table (see initialise_positions)
     look_weight: float = 1.0  # weight of -log(attention mass on the evidence tokens)
     look_heads: int = 2  # the first look_heads query heads of look_layer are guided (head mean)
-    read_layer: int = 1  # decoder layer whose guided heads read the question's key words (training only)
+    read_layer: int = 0  # decoder layer whose guided heads read the question's key words (training only)
     read_weight: float = 1.0  # weight of -log(attention mass on the key words of the question)
+    key_weight: float = 1.0  # weight of the key probe (the read layer's output must carry the key words)
+    look_auxiliary: bool = True  # the auxiliary heads also read the visual rows entering the look layer
 
 
 RECIPES = {
-    "tiny_llava": Recipe(steps=1800),
-    "tiny_qwen25vl": Recipe(steps=1000, video_every=3),
+    "tiny_llava": Recipe(steps=1100),
+    "tiny_qwen25vl": Recipe(steps=800, video_every=2),
 }
 
 
@@ -152,8 +158,10 @@ MOTIONS = ("background", "still", "left", "right", "up", "down")
 
 class AuxiliaryHeads(torch.nn.Module):
     """Training-only heads on the visual tokens entering the decoder: the colour, shape and motion of the object
-    under each token (0: background) and the 3 x 3 grid cell the token lies in. Dense supervision makes the
-    vision tower and projector informative within minutes; the heads are not part of the saved model."""
+    under each token (0: background), the 3 x 3 grid cell the token lies in, and the token's (x, y) centre as
+    two numbers (a linear coordinate makes "left of" and motion directions a comparison of two read-outs).
+    Dense supervision makes the vision tower and projector informative within minutes; the heads are not part
+    of the saved model."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -161,18 +169,22 @@ class AuxiliaryHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
         self.cell = torch.nn.Linear(hidden, 9)
         self.motion = torch.nn.Linear(hidden, len(MOTIONS))
+        self.centre = torch.nn.Linear(hidden, 2)
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``features``: ``[n, hidden]`` visual rows; ``labels``: ``[n, 4]`` (colour, shape, cell, motion)."""
+        """``features``: ``[n, hidden]`` visual rows; ``labels``: ``[n, 6]`` (colour, shape, cell, motion, and
+        the centre's x and y in thousandths)."""
         ce = torch.nn.functional.cross_entropy
+        centre = torch.nn.functional.mse_loss(self.centre(features), labels[:, 4:6].float() / 1000 * 4)
         return (ce(self.colour(features), labels[:, 0]) + ce(self.shape(features), labels[:, 1])
-                + ce(self.cell(features), labels[:, 2]) + ce(self.motion(features), labels[:, 3])) / 4
+                + ce(self.cell(features), labels[:, 2]) + ce(self.motion(features), labels[:, 3]) + centre) / 5
 
 
 def token_labels(steps: list[list], rows: int, cols: int, motions: list[list[int]] | None = None) -> torch.Tensor:
     """Per visual token (raster order, ``len(steps)`` temporal steps of ``rows x cols``): colour id, shape id
     (0 = background) of the object under the token's centre, its 3 x 3 cell, and the object's motion id
-    (``MOTIONS``; "still" when ``motions`` is None). ``steps[t]``: boxes at step t; ``motions[t]``: one id per box."""
+    (``MOTIONS``; "still" when ``motions`` is None), and the token centre's x and y in thousandths of the
+    frame. ``steps[t]``: boxes at step t; ``motions[t]``: one id per box."""
     colour_ids = {name: i + 1 for i, name in enumerate(COLOURS)}
     shape_ids = {name: i + 1 for i, name in enumerate(SHAPES)}
     labels = []
@@ -185,7 +197,8 @@ def token_labels(steps: list[list], rows: int, cols: int, motions: list[list[int
                     if x0 <= x <= x1 and y0 <= y <= y1:
                         colour, shape = colour_ids[name], shape_ids[kind]
                         motion = motions[t][i] if motions is not None else MOTIONS.index("still")
-                labels.append((colour, shape, 3 * min(2, int(3 * y)) + min(2, int(3 * x)), motion))
+                labels.append((colour, shape, 3 * min(2, int(3 * y)) + min(2, int(3 * x)), motion,
+                               round(1000 * x), round(1000 * y)))
     return torch.tensor(labels, dtype=torch.long)
 
 
@@ -236,10 +249,12 @@ def _visual_spec(vlm, batch: dict, row: int):
 
 def evidence_masks(vlm, samples: list[Sample], batch: dict, lookups: list[Lookup], heads: int) -> torch.Tensor:
     """``[n_lookups, heads, L]``: per lookup and guided head, the visual rows to look at — tokens whose centre
-    lies in the box of an object of the evidence group ``head % n_groups`` (video: of every temporal step).
-    All false for a lookup without evidence."""
+    lies in the box of an object of the evidence group ``head % n_groups`` (video: of every temporal step, or
+    of the first / second half of the steps where ``meta["evidence_when"]`` says "start" / "end" for that
+    group). All false for a lookup without evidence."""
     visual_ids = placeholder_ids(vlm.model)
     covered = {}  # row -> per object index, [n_visual] bool
+    halves = {}  # row -> {"start" | "end": [n_visual] bool} (videos)
     for row, sample in enumerate(samples):
         spec = _visual_spec(vlm, batch, row)
         if sample.video is not None:
@@ -248,6 +263,8 @@ def evidence_masks(vlm, samples: list[Sample], batch: dict, lookups: list[Lookup
             count = max(len(b) for b in step_boxes)
             covered[row] = [torch.cat([token_labels([[b[i]] if i < len(b) else []], rows, cols)[:, 0] > 0
                                        for b in step_boxes]) for i in range(count)]
+            step_of_token = torch.arange(steps).repeat_interleave(rows * cols)  # [n_visual]
+            halves[row] = {"start": step_of_token < (steps + 1) // 2, "end": step_of_token >= steps // 2}
         else:
             (_, rows, cols), = spec.image_grids
             covered[row] = [token_labels([[box]], rows, cols)[:, 0] > 0 for box in sample.meta["objects"]]
@@ -258,9 +275,13 @@ def evidence_masks(vlm, samples: list[Sample], batch: dict, lookups: list[Lookup
             continue
         objects = covered[lookup.sample]
         visual_rows = torch.isin(batch["input_ids"][lookup.sample], visual_ids).nonzero().squeeze(1)  # [n_visual]
+        when = samples[lookup.sample].meta.get("evidence_when")
         for head in range(heads):
             group = groups[head % len(groups)]
-            masks[n, head, visual_rows] = torch.stack([objects[i] for i in group]).any(dim=0)
+            mask = torch.stack([objects[i] for i in group]).any(dim=0)
+            if when:
+                mask = mask & halves[lookup.sample][when[head % len(groups)]]
+            masks[n, head, visual_rows] = mask
     return masks
 
 
@@ -269,30 +290,55 @@ KEY_WORDS = (*COLOURS, "top", "middle", "bottom", "left", "centre", "right")
 USER_MARKERS = ("USER:", "user")  # the token that opens a user turn (LLaVA, Qwen chat templates)
 
 
-def key_word_masks(vlm, batch: dict, lookups: list[Lookup], heads: int) -> torch.Tensor:
-    """``[n_lookups, heads, L]``: per lookup and guided head, the rows of the key words (``KEY_WORDS``) of the
-    lookup's own question (the user turn that ends at its query row). With exactly two colour words (which of
-    two objects), head h reads the h-th; otherwise every guided head reads every key word."""
+def key_word_masks(vlm, batch: dict, lookups: list[Lookup], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per lookup, the key words (``KEY_WORDS``) of its own question (the user turn that ends at its query row):
+
+    - ``[n_lookups, heads, L]`` masks of the rows each guided head reads: with exactly two colour words (which
+      of two objects), head h reads the h-th; otherwise every guided head reads every key word;
+    - ``[n_lookups, 2]`` targets of the key probe: the first and the last key word, as indices into
+      ``KEY_WORDS`` (-100: the question has none)."""
     tokenizer = vlm.processor.tokenizer
-    key_ids = set(tokenizer.convert_tokens_to_ids(list(KEY_WORDS)))
+    key_index = {tokenizer.convert_tokens_to_ids(word): n for n, word in enumerate(KEY_WORDS)}
     colour_ids = set(tokenizer.convert_tokens_to_ids(list(COLOURS)))
     user_ids = {i for i in tokenizer.convert_tokens_to_ids(list(USER_MARKERS)) if i != tokenizer.unk_token_id}
     masks = torch.zeros(len(lookups), heads, batch["input_ids"].shape[1], dtype=torch.bool)
+    targets = torch.full((len(lookups), 2), -100, dtype=torch.long)
     for n, lookup in enumerate(lookups):
         ids = batch["input_ids"][lookup.sample].tolist()
         rows = []
         for row in range(lookup.query_row - 1, -1, -1):
             if ids[row] in user_ids:
                 break
-            if ids[row] in key_ids:
+            if ids[row] in key_index:
                 rows.append(row)
         rows.reverse()
         if not rows:
             continue
+        targets[n] = torch.tensor([key_index[ids[rows[0]]], key_index[ids[rows[-1]]]])
         colours = [row for row in rows if ids[row] in colour_ids]
         for head in range(heads):
             masks[n, head, [colours[head % 2]] if len(colours) == 2 else rows] = True
-    return masks
+    return masks, targets
+
+
+class KeyProbe(torch.nn.Module):
+    """Training-only linear read-outs of the first and the last key word of a question from the residual stream
+    at the query row, right after the read layer. Guiding the read heads' attention is not enough: their value /
+    output maps start tiny, so the word they fetch is too faint for the look layer's queries, and the two-hop
+    lookup (read the question, then look at the image) stalls for hundreds of steps. Asking the residual to
+    carry the words makes the read heads copy them at once."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.first = torch.nn.Linear(hidden, len(KEY_WORDS))
+        self.last = torch.nn.Linear(hidden, len(KEY_WORDS))
+
+    def loss(self, hidden: torch.Tensor, lookups: list[Lookup], targets: torch.Tensor) -> torch.Tensor:
+        """``hidden``: ``[B, L, d]`` leaving the read layer; ``targets``: ``[n_lookups, 2]``."""
+        rows = hidden[torch.tensor([lk.sample for lk in lookups]), torch.tensor([lk.query_row for lk in lookups])]
+        ce = torch.nn.functional.cross_entropy
+        return (ce(self.first(rows), targets[:, 0], ignore_index=-100)
+                + ce(self.last(rows), targets[:, 1], ignore_index=-100)) / 2
 
 
 def evidence_attention(layer, hidden: torch.Tensor, position_embeddings, lookups: list[Lookup],
@@ -356,9 +402,10 @@ def sample_stream(recipe: Recipe, video: bool):
         index += 1
 
 
-def evaluate(vlm, dataset, limit: int | None = None) -> float:
-    """Greedy accuracy (%) of the unpruned model on a dataset, through the same path the runner uses."""
-    correct, total = 0.0, 0
+def evaluate(vlm, dataset, limit: int | None = None) -> dict[str, float]:
+    """Greedy accuracy (%) of the unpruned model on a dataset, through the same path the runner uses: overall
+    (``"all"``) and per task."""
+    hits: dict[str, list[float]] = {}
     eos = vlm.processor.tokenizer.eos_token_id
     vlm.model.eval()
     with torch.no_grad():
@@ -368,9 +415,10 @@ def evaluate(vlm, dataset, limit: int | None = None) -> float:
             output = vlm.model.generate(**inputs, max_new_tokens=dataset.max_new_tokens, do_sample=False,
                                         eos_token_id=eos, pad_token_id=eos)
             prediction = vlm.decode(output[0, inputs["input_ids"].shape[1]:])
-            correct += dataset.scorer.score(prediction, sample)
-            total += 1
-    return 100.0 * correct / max(1, total)
+            score = float(dataset.scorer.score(prediction, sample))
+            for key in ("all", sample.meta["task"]):
+                hits.setdefault(key, []).append(score)
+    return {key: round(100.0 * sum(values) / len(values), 1) for key, values in hits.items()}
 
 
 def held_out(recipe: Recipe, video: bool, n: int):
@@ -383,6 +431,19 @@ def held_out(recipe: Recipe, video: bool, n: int):
 
 def train(name: str, out: Path, steps: int | None = None, seed: int | None = None, log_every: int = 50,
           evaluate_after: bool = True) -> dict:
+    """Train ``name`` with its recipe (``steps`` / ``seed`` override it), write the checkpoint to ``out`` and
+    return the training record (also written as ``training.json``). Deterministic algorithms are switched on
+    for the run and restored afterwards."""
+    deterministic, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(name, out, steps, seed, log_every, evaluate_after)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _train(name: str, out: Path, steps: int | None, seed: int | None, log_every: int, evaluate_after: bool) -> dict:
     if name not in RECIPES:
         raise ValueError(f"no training recipe for {name!r}; trainable models: {', '.join(sorted(RECIPES))}")
     recipe = RECIPES[name]
@@ -392,7 +453,6 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
         recipe = Recipe(**{**recipe.__dict__, "seed": seed})
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     spec = model_spec(name)
     adapter = adapter_named(spec.family)
     from ..base import VLM
@@ -401,7 +461,10 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
     initialise_positions(model, recipe.position_scale)
     vlm = VLM(name=name, model=model, processor=spec.random_processor(), adapter=adapter)
     heads = AuxiliaryHeads(adapter.text_config(model).hidden_size)
-    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=recipe.learning_rate,
+    key_probe = KeyProbe(adapter.text_config(model).hidden_size)
+    look_heads_aux = AuxiliaryHeads(adapter.text_config(model).hidden_size)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters(), *key_probe.parameters(),
+                                   *look_heads_aux.parameters()], lr=recipe.learning_rate,
                                   weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     captured = {}
     capture = adapter.text_model(model).register_forward_pre_hook(
@@ -410,6 +473,7 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
     capture_look = capture_layer_input(look_layer, captured, "look")
     read_layer = adapter.text_model(model).layers[recipe.read_layer]
     capture_read = capture_layer_input(read_layer, captured, "read")
+    capture_key = capture_layer_input(adapter.text_model(model).layers[recipe.read_layer + 1], captured, "key")
     visual_ids = placeholder_ids(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
     images, videos = sample_stream(recipe, False), sample_stream(recipe, True) if recipe.video_every else None
@@ -423,21 +487,26 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
         batch, lookups = collate(vlm, samples, 0 if use_video else recipe.extra_turns, turn_rng, recipe.image_tasks)
         parts = {"lm": model(**batch).loss}
         if recipe.auxiliary_weight:
-            features = captured["embeds"][torch.isin(batch["input_ids"], visual_ids)]  # [n_visual, hidden]
-            parts["aux"] = recipe.auxiliary_weight * heads.loss(features, batch_token_labels(vlm, samples, batch))
+            visual = torch.isin(batch["input_ids"], visual_ids)  # [B, L]
+            labels = batch_token_labels(vlm, samples, batch)  # [n_visual, 6]
+            parts["aux"] = recipe.auxiliary_weight * heads.loss(captured["embeds"][visual], labels)
+            if recipe.look_auxiliary:  # the visual rows the look heads read still carry what they show
+                parts["aux"] = parts["aux"] + recipe.auxiliary_weight * look_heads_aux.loss(captured["look"][0][visual], labels)
         if recipe.look_weight:
             masks = evidence_masks(vlm, samples, batch, lookups, recipe.look_heads)  # [n_lookups, heads, L]
             supervised = masks.flatten(1).any(dim=1)
             mass = evidence_attention(look_layer, *captured["look"],
                                       [lk for lk, keep in zip(lookups, supervised) if keep], masks[supervised], recipe.look_heads)
             parts["look"] = recipe.look_weight * -torch.log(mass + 1e-4).mean()
+        masks, key_targets = key_word_masks(vlm, batch, lookups, recipe.look_heads)  # [n, heads, L], [n, 2]
         if recipe.read_weight:
-            masks = key_word_masks(vlm, batch, lookups, recipe.look_heads)  # [n_lookups, heads, L]
             supervised = masks.flatten(1).any(dim=1)
             mass = evidence_attention(read_layer, *captured["read"],
                                       [lk for lk, keep in zip(lookups, supervised) if keep], masks[supervised],
                                       recipe.look_heads)
             parts["read"] = recipe.read_weight * -torch.log(mass + 1e-4).mean()
+        if recipe.key_weight:
+            parts["key"] = recipe.key_weight * key_probe.loss(captured["key"][0], lookups, key_targets)
         loss = sum(parts.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -455,13 +524,14 @@ def train(name: str, out: Path, steps: int | None = None, seed: int | None = Non
     capture.remove()
     capture_look.remove()
     capture_read.remove()
+    capture_key.remove()
     model.eval()
     result = {"name": name, "steps": recipe.steps, "seed": recipe.seed, "train_seconds": round(seconds, 1),
               "final_loss": round(sum(sum(h.values()) for h in history[-50:]) / max(1, len(history[-50:])), 4), "recipe": recipe.__dict__}
     if evaluate_after:
-        result["heldout_image_accuracy"] = round(evaluate(vlm, held_out(recipe, False, recipe.eval_samples)), 1)
+        result["heldout_image_accuracy"] = evaluate(vlm, held_out(recipe, False, recipe.eval_samples))
         if recipe.video_every:
-            result["heldout_video_accuracy"] = round(evaluate(vlm, held_out(recipe, True, recipe.eval_samples)), 1)
+            result["heldout_video_accuracy"] = evaluate(vlm, held_out(recipe, True, recipe.eval_samples))
     save(vlm, out, result)
     return result
 
@@ -514,18 +584,22 @@ def model_card(vlm, result: dict) -> str:
         "## Training",
         f"- {result['steps']} steps x batch {recipe['batch_size']}, AdamW lr {recipe['learning_rate']} (warm-up "
         f"{recipe['warmup']}, cosine), seed {result['seed']}; {result['train_seconds']} s on this machine's CPU",
-        f"- objective: answer cross-entropy (+{recipe['extra_turns']} extra question turns per image), auxiliary "
-        f"per-token colour / shape / cell heads (weight {recipe['auxiliary_weight']}), evidence attention of "
-        f"{recipe['look_heads']} heads of decoder layer {recipe['look_layer']} (weight {recipe['look_weight']}); heads are training-only",
+        f"- objective: answer cross-entropy (+{recipe['extra_turns']} extra question turns per image); auxiliary "
+        f"per-token colour / shape / cell / motion / centre heads on the visual tokens entering the decoder and the "
+        f"look layer (weight {recipe['auxiliary_weight']}); "
+        f"{recipe['look_heads']} heads of decoder layer {recipe['read_layer']} guided to the question's key words "
+        f"(weight {recipe['read_weight']}) and a key probe on that layer's output (weight {recipe['key_weight']}); "
+        f"{recipe['look_heads']} heads of decoder layer {recipe['look_layer']} guided to the evidence objects "
+        f"(weight {recipe['look_weight']}). Heads and probes are training-only, not part of the checkpoint",
         f"- final training loss {result['final_loss']}",
         f"- reproduce: `python -m tokenprune.models.zoo.train {result['name']}`",
         "",
         "## Held-out accuracy (split `test`, unpruned, greedy)",
     ]
-    if "heldout_image_accuracy" in result:
-        lines.append(f"- synthetic image QA: {result['heldout_image_accuracy']}% on {recipe['eval_samples']} samples")
-    if "heldout_video_accuracy" in result:
-        lines.append(f"- synthetic video QA: {result['heldout_video_accuracy']}% on {recipe['eval_samples']} samples")
+    for key, label in (("heldout_image_accuracy", "synthetic image QA"), ("heldout_video_accuracy", "synthetic video QA")):
+        if key in result:
+            per_task = ", ".join(f"{task} {value}%" for task, value in result[key].items() if task != "all")
+            lines.append(f"- {label}: **{result[key]['all']}%** on {recipe['eval_samples']} samples ({per_task})")
     return "\n".join(lines) + "\n"
 
 
