@@ -71,7 +71,7 @@ class Recipe:
 
 RECIPES = {
     "tiny_llava": Recipe(steps=1100),
-    "tiny_qwen25vl": Recipe(steps=800, video_every=2),
+    "tiny_qwen25vl": Recipe(steps=900, video_every=2),
 }
 
 
