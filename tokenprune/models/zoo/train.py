@@ -120,6 +120,11 @@ class Lookup:
     evidence: list[list[int]] | None  # groups of object indices (one per thing to look up), None: unknown
 
 
+def query_index(lookups: list[Lookup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([n], [n])``: batch rows and sequence positions of the lookups' query rows (for advanced indexing)."""
+    return torch.tensor([lookup.sample for lookup in lookups]), torch.tensor([lookup.query_row for lookup in lookups])
+
+
 def collate(vlm, samples: list[Sample], extra_turns: int = 0, rng: random.Random | None = None,
             tasks: list[str] = ("colour_at",)) -> tuple[dict, list[Lookup]]:
     """A padded training batch whose labels are each answer's tokens and its end-of-turn token, and the
@@ -335,7 +340,7 @@ class KeyProbe(torch.nn.Module):
 
     def loss(self, hidden: torch.Tensor, lookups: list[Lookup], targets: torch.Tensor) -> torch.Tensor:
         """``hidden``: ``[B, L, d]`` leaving the read layer; ``targets``: ``[n_lookups, 2]``."""
-        rows = hidden[torch.tensor([lk.sample for lk in lookups]), torch.tensor([lk.query_row for lk in lookups])]
+        rows = hidden[query_index(lookups)]  # [n_lookups, d]
         ce = torch.nn.functional.cross_entropy
         return (ce(self.first(rows), targets[:, 0], ignore_index=-100)
                 + ce(self.last(rows), targets[:, 1], ignore_index=-100)) / 2
@@ -349,8 +354,7 @@ def evidence_attention(layer, hidden: torch.Tensor, position_embeddings, lookups
     ``hidden``: ``[B, L, d]`` entering the layer; ``masks``: ``[n, heads, L]``. Returns ``[n]``."""
     attention = layer.self_attn
     geometry = AttentionGeometry.of(attention)
-    samples = torch.tensor([lookup.sample for lookup in lookups])
-    rows = torch.tensor([lookup.query_row for lookup in lookups])
+    samples, rows = query_index(lookups)
     cos, sin = (table.expand(hidden.shape[0], -1, -1) for table in position_embeddings)  # [B, L, hd]
     x = layer.input_layernorm(hidden[samples, rows])  # [n, d]
     q = attention.q_proj(x).view(len(lookups), geometry.num_heads, geometry.head_dim)  # [n, H, hd]
