@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from tokenprune.engine.apply import apply
+from tokenprune.engine.compat import cache_kwargs, output_cache
 from tokenprune.methods.base import LayerStep, Method
 from tokenprune.run.measure import Clock, PeakMemory, Spans, kv_cache_bytes
 
@@ -118,7 +119,7 @@ def measure_prefill(vlm, inputs: dict, method: Method, repeats: int, warmup: int
             for _ in range(warmup):
                 call()
             with PeakMemory(device) as memory:
-                cache = call().past_key_values
+                cache = output_cache(call())
             report = session.last_report
             reports = []
             for _ in range(repeats):
@@ -152,7 +153,7 @@ def measure_decode(vlm, cache, method: Method, token_id: int, steps: int, warmup
             with context:
                 clock.synchronize()  # generate() reads each new token back before the next step
                 start = clock.now()
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(type(model).forward, cache))
                 end = clock.now()
             if step >= warmup:
                 marks[variant].append((start, end))
@@ -198,8 +199,8 @@ class LayerTimer:
         hidden, rotary = self._inputs(length)
         config = self.text.config
         return self._median("layer", length, lambda: self.layer(
-            hidden, attention_mask=None, position_embeddings=rotary, past_key_values=DynamicCache(config=config),
-            use_cache=True))
+            hidden, attention_mask=None, position_embeddings=rotary, use_cache=True,
+            **cache_kwargs(type(self.layer).forward, DynamicCache(config=config))))
 
     def attention_ms(self, length: int) -> float:
         """Input norm + self-attention (q/k/v/o, RoPE, cache write) + residual."""
@@ -208,7 +209,8 @@ class LayerTimer:
 
         def run():
             out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=None,
-                                     position_embeddings=rotary, past_key_values=DynamicCache(config=config))
+                                     position_embeddings=rotary,
+                                     **cache_kwargs(type(layer.self_attn).forward, DynamicCache(config=config)))
             return hidden + out
 
         return self._median("attention", length, run)

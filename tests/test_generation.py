@@ -6,6 +6,7 @@ import torch
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
 from helpers import Replay, forced_choice, forced_generation
+from tokenprune.engine.compat import cache_kwargs, output_cache
 from tokenprune.engine.driver import PruningInputError
 
 METHODS = [
@@ -48,11 +49,11 @@ def test_kv_cache_lengths_follow_the_schedule(family, name, fields):
     layout = inputs.layout
     with torch.no_grad(), tp.apply(vlm.model, name, **fields) as session:
         out = vlm.model(**inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
         # one decode step: every layer grows by exactly one
         next_token = out.logits[:, -1:].argmax(-1)
-        vlm.model(input_ids=next_token, past_key_values=cache, use_cache=True)
+        vlm.model(input_ids=next_token, use_cache=True, **cache_kwargs(type(vlm.model).forward, cache))
         grown = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     report = session.last_report
     expected = [layout.length - layout.num_visual + visual for visual in report.layer_visual]
@@ -65,7 +66,7 @@ def test_pdrop_cache_schedule_by_hand():
     inputs = vlm.prepare(make_sample(13))
     L, N = inputs.layout.length, inputs.layout.num_visual  # N = 36 visual tokens
     with torch.no_grad(), tp.apply(vlm.model, "pdrop", layers=[2, 4, 6], ratios=[0.5, 0.25, 0.125]):
-        cache = vlm.model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(vlm.model(**inputs, use_cache=True))
     lengths = [layer.get_seq_length() for layer in cache.layers]
     assert lengths == [L] * 2 + [L - 18] * 2 + [L - 27] * 2 + [L - 32] * 2  # floor(36 r): 18, 9, 4
 
@@ -115,7 +116,7 @@ def test_manual_decode_without_positions_matches_generate(family):
                                  return_dict_in_generate=True)
         prefill = vlm.model(**inputs, use_cache=True)
         token = prefill.logits[:, -1:].argmax(-1)
-        manual = vlm.model(input_ids=token, past_key_values=prefill.past_key_values, use_cache=True).logits[:, -1]
+        manual = vlm.model(input_ids=token, use_cache=True, **cache_kwargs(type(vlm.model).forward, output_cache(prefill))).logits[:, -1]
     torch.testing.assert_close(manual, out.logits[1], rtol=1e-5, atol=1e-5)
 
 
@@ -183,3 +184,24 @@ def test_generate_prunes_once_at_prefill_and_decodes_on_the_pruned_cache(family)
     assert report.prompt_tokens == inputs["input_ids"].shape[1]
     assert report.layer_visual == [n, n] + [round(n * 0.25)] * 4
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
+
+
+def test_cache_helpers_match_the_installed_transformers_without_deprecation_warnings():
+    """``output_cache`` returns the very cache object of a forward (None without ``use_cache``) and ``cache_kwargs``
+    feeds it back under the installed keyword: decoding with it equals decoding the full sequence, and neither
+    trips transformers' deprecated-alias warnings (``past_key_values`` is removed from the forwards in 5.40).
+    LLaVA: a text-only Qwen2.5-VL call decodes with the mRoPE offset of the model's previous multimodal prefill."""
+    import warnings
+
+    vlm = tiny_vlm("tiny_llava")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        prefill = vlm.model(input_ids=ids[:, :3], use_cache=True)
+        cache = output_cache(prefill)
+        assert cache is not None and cache.get_seq_length() == 3
+        assert output_cache(vlm.model(input_ids=ids[:, :3], use_cache=False)) is None
+        step = vlm.model(input_ids=ids[:, 3:], use_cache=True, **cache_kwargs(type(vlm.model).forward, cache))
+        full = vlm.model(input_ids=ids, use_cache=False)
+    assert output_cache(step) is cache and cache.get_seq_length() == 4
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)  # fp32, cached vs not

@@ -25,6 +25,7 @@ import tokenprune.engine.driver as driver_module
 import tokenprune.engine.scores as scores_module
 from conftest import hook_snapshot, make_image, make_sample, stock_logits, tiny_vlm
 from helpers import Replay, current_rows, eager_attentions, forced_choice, forced_generation, topk_original
+from tokenprune.engine.compat import output_cache
 from tokenprune.engine.flops import DecoderShape, paper_flops
 from tokenprune.models.zoo.real import llava15_config
 from tokenprune.models.zoo.tiny import tiny_llava_config, tiny_llava_processor
@@ -334,7 +335,7 @@ def test_kv_cache_lengths_by_hand():
     L, N = inputs.layout.length, inputs.layout.num_visual
     assert N == 36
     with torch.no_grad(), tp.apply(vlm.model, "himap", text_layer=2, image_layer=4, text_keep=0.5, image_keep=0.125):
-        cache = vlm.model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(vlm.model(**inputs, use_cache=True))
     lengths = [layer.get_seq_length() for layer in cache.layers]
     assert lengths == [L] * 2 + [L - 36 + 18] * 2 + [L - 36 + 4] * 2  # floor(36 * 0.5) = 18, floor(36 * 0.125) = 4
 

@@ -14,6 +14,7 @@ import yaml
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
 from helpers import forced_choice, forced_generation
+from tokenprune.engine.compat import output_cache
 from tokenprune.engine.flops import DecoderShape, layer_flops
 from tokenprune.engine.sublayers import planned_prefill_flops
 from tokenprune.methods.layerskip import LayerSkip, SkipPolicy
@@ -180,7 +181,7 @@ def test_attention_skip_removes_visual_queries_and_keeps_their_keys(family, scal
     # visual rows: a * h, then the stock MLP on them (row-wise, so bitwise equal to the manual computation)
     assert torch.equal(skipped.output[:, visual], expected[:, visual])
     # keys and values of every row (visual included) are cached, bitwise those of the stock layer
-    stock_cache, cache = stock_out.past_key_values.layers[index], skipped_out.past_key_values.layers[index]
+    stock_cache, cache = output_cache(stock_out).layers[index], output_cache(skipped_out).layers[index]
     assert cache.keys.shape[-2] == layout.length
     assert torch.equal(cache.keys, stock_cache.keys) and torch.equal(cache.values, stock_cache.values)
 

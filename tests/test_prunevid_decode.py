@@ -14,6 +14,7 @@ import tokenprune as tp
 from conftest import make_sample, tiny_vlm
 from helpers import eager_attentions
 from tokenprune.methods.base import VisualSequence
+from tokenprune.engine.compat import cache_kwargs, output_cache
 
 NEW_TOKENS = 5
 
@@ -192,9 +193,9 @@ def test_every_cache_holds_exactly_the_kept_tokens():
     M = 2
     with torch.no_grad():
         with tp.apply(vlm.model, "prunevid", stage2=False) as stage1_session:
-            stage1_cache = vlm.model(**inputs, use_cache=True).past_key_values
+            stage1_cache = output_cache(vlm.model(**inputs, use_cache=True))
         with tp.apply(vlm.model, "prunevid", stage2_layer=M, stage2_keep=0.4) as session:
-            cache = vlm.model(**inputs, use_cache=True).past_key_values
+            cache = output_cache(vlm.model(**inputs, use_cache=True))
     report = session.last_report
     L1 = stage1_session.last_report.tokens_entering_decoder
     n_text = inputs.layout.length - inputs.layout.num_visual
@@ -219,11 +220,11 @@ def test_caches_pruned_after_an_earlier_plain_selection_hold_the_right_rows():
     uniform = {"layer": 1, "keep_ratio": 0.5}
     with torch.no_grad():
         with tp.apply(vlm.model, "uniform", **uniform) as plain_session:
-            plain = vlm.model(**inputs, use_cache=True).past_key_values
+            plain = output_cache(vlm.model(**inputs, use_cache=True))
         composed = tp.methods.Compose([tp.methods.create("uniform", **uniform),
                                        tp.methods.create("prunevid", stage1=False, stage2_layer=2)])
         with tp.apply(vlm.model, composed) as session:
-            cache = vlm.model(**inputs, use_cache=True).past_key_values
+            cache = output_cache(vlm.model(**inputs, use_cache=True))
     report, layout = session.last_report, inputs.layout
     survivors = sorted(set(layout.text_rows().tolist()) | set(report.kept[3]))  # original rows
     after_uniform = sorted(set(layout.text_rows().tolist()) | set(plain_session.last_report.kept[1]))
@@ -331,7 +332,7 @@ def _first_decode_positions(vlm, inputs, method):
             prefill = vlm.model(**inputs, use_cache=True)
             token = prefill.logits[:, -1:].argmax(-1)
             seen.clear()
-            vlm.model(input_ids=token, past_key_values=prefill.past_key_values, use_cache=True)
+            vlm.model(input_ids=token, use_cache=True, **cache_kwargs(type(vlm.model).forward, output_cache(prefill)))
             manual = seen[0][-3:, 0, -1].tolist()
     finally:
         handle.remove()
@@ -375,7 +376,7 @@ def test_manual_decode_after_shortened_caches_matches_generate(family):
         out = vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True)
         prefill = vlm.model(**inputs, use_cache=True)
-        assert prefill.past_key_values.get_seq_length() < inputs["input_ids"].shape[1]
+        assert output_cache(prefill).get_seq_length() < inputs["input_ids"].shape[1]
         token = prefill.logits[:, -1:].argmax(-1)
-        manual = vlm.model(input_ids=token, past_key_values=prefill.past_key_values, use_cache=True).logits[:, -1]
+        manual = vlm.model(input_ids=token, use_cache=True, **cache_kwargs(type(vlm.model).forward, output_cache(prefill))).logits[:, -1]
     torch.testing.assert_close(manual, out.logits[1], rtol=1e-5, atol=1e-5)  # fp32: prefill vs decode kernels

@@ -29,3 +29,18 @@ def set_cache_argument(kwargs: dict, function, cache) -> None:
     keyword = cache_keyword(function)
     kwargs.pop("past_key_values" if keyword == "cache" else "cache", None)
     kwargs[keyword] = cache
+
+
+def output_cache(output):
+    """The KV cache a model output returns (``output.cache`` from 5.24 on, ``output.past_key_values`` before),
+    read without tripping the deprecated alias's warning; None when the output carries none."""
+    present = output.keys()  # the fields that are set; a plain key lookup, no alias translation
+    for name in ("cache", "past_key_values"):
+        if name in present:
+            return output[name]
+    return None
+
+
+def cache_kwargs(function, cache) -> dict:
+    """``{keyword: cache}`` under the keyword ``function`` declares, for calls such as ``layer(..., **cache_kwargs(...))``."""
+    return {cache_keyword(function): cache}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.apply import apply
+from ..engine.compat import output_cache
 from ..engine.flops import DecoderShape, all_conventions
 
 
@@ -175,7 +176,7 @@ def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=No
 
     def remember_cache(module, args, kwargs, output):
         if "bytes" not in cache_after_prefill:
-            cache_after_prefill["bytes"] = kv_cache_bytes(getattr(output, "past_key_values", None))
+            cache_after_prefill["bytes"] = kv_cache_bytes(output_cache(output))
 
     cache_hook = model.register_forward_hook(remember_cache, with_kwargs=True)
     try:
