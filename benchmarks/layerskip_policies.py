@@ -48,8 +48,10 @@ def run(name: str, n_samples: int, heldout: int, budget: float, ops: list[str], 
     randoms = random_policies(calibration, result.policy, count=count, min_layer=min_layer, seed=0)
     held_out = Calibration(vlm, list(test), answer_tokens=answer_tokens)
     rows = []
+    every_layer = tuple(range(calibration.num_layers))
+    extremes = [("every visual sublayer skipped (s = 1)", SkipPolicy(mlp=every_layer, attn=every_layer))]
     for label, policy in [("none (full model)", SkipPolicy()), ("searched", result.policy)] + \
-            [(f"random {i + 1}", p) for i, p in enumerate(randoms)]:
+            [(f"random {i + 1}", p) for i, p in enumerate(randoms)] + extremes:
         rows.append({"label": label, "policy": policy, "cost": policy.cost(1.0, 0.5),
                      "calibration_kl": calibration.score(policy), "heldout_kl": held_out.score(policy),
                      "accuracy": accuracy(vlm, test, policy)})
@@ -59,20 +61,26 @@ def run(name: str, n_samples: int, heldout: int, budget: float, ops: list[str], 
 
 def table(report: dict) -> str:
     rows = report["rows"]
-    randoms = [r for r in rows if r["label"].startswith("random")]
+    randoms = [r for r in rows if r["label"].startswith("random ")]
     searched = next(r for r in rows if r["label"] == "searched")
     lines = [f"{report['model']} ({report['weights']} weights): search on {report['n_samples']} train samples, "
              f"budget {report['budget']:g}; held out: {report['heldout']} test samples", "",
              "| policy | MLP skips | attention skips | cost | calibration KL | held-out KL | held-out accuracy % |",
              "|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {list(r['policy'].mlp)} | {list(r['policy'].attn)} | {r['cost']:g} | "
-                     f"{r['calibration_kl']:.3g} | {r['heldout_kl']:.3g} | {r['accuracy']:.1f} |")
+
+    def line(r: dict) -> str:
+        return (f"| {r['label']} | {list(r['policy'].mlp)} | {list(r['policy'].attn)} | {r['cost']:g} | "
+                f"{r['calibration_kl']:.3g} | {r['heldout_kl']:.3g} | {r['accuracy']:.1f} |")
+
+    extremes = [r for r in rows if r["label"].startswith("every")]
+    lines += [line(r) for r in rows if r not in extremes]
     if randoms:
         lines.append(f"| random (median of {len(randoms)}) | | | {randoms[0]['cost']:g} | "
                      f"{statistics.median(r['calibration_kl'] for r in randoms):.3g} | "
                      f"{statistics.median(r['heldout_kl'] for r in randoms):.3g} | "
                      f"{statistics.median(r['accuracy'] for r in randoms):.1f} |")
+    lines += [line(r) for r in extremes]
+    if randoms:
         beaten = sum(searched["calibration_kl"] < r["calibration_kl"] for r in randoms)
         lines += ["", f"searched policy: lower calibration KL than {beaten}/{len(randoms)} random policies, lower "
                       f"held-out KL than {sum(searched['heldout_kl'] < r['heldout_kl'] for r in randoms)}/{len(randoms)}"]

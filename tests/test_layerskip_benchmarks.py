@@ -59,7 +59,9 @@ def test_policies_benchmark_table(capsys, name):
     out = capsys.readouterr().out
     assert "| policy | MLP skips | attention skips | cost | calibration KL | held-out KL | held-out accuracy % |" in out
     rows = reports[0]["rows"]
-    assert [r["label"] for r in rows] == ["none (full model)", "searched", "random 1", "random 2"]
+    assert [r["label"] for r in rows] == ["none (full model)", "searched", "random 1", "random 2",
+                                          "every visual sublayer skipped (s = 1)"]
     assert rows[0]["calibration_kl"] == 0.0 and rows[0]["heldout_kl"] == 0.0
-    assert all(r["cost"] == rows[1]["cost"] for r in rows[1:])
+    assert all(r["cost"] == rows[1]["cost"] for r in rows[1:4])
+    assert rows[4]["policy"].mlp == rows[4]["policy"].attn == tuple(range(6)) and rows[4]["calibration_kl"] > 0
     assert all(0.0 <= r["accuracy"] <= 100.0 for r in rows)

@@ -30,6 +30,7 @@ log = logging.getLogger("tokenprune")
 # The embedded default (`python -m tokenprune` with no arguments): every honest baseline and both
 # attention-ranked methods at three budgets, beside the unpruned model.
 EMBEDDED_KEEP_RATIOS = (0.5, 0.25, 0.125)
+MODEL_METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "model_method"
 TIMING_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "total_ms", "overhead_ms")
 MEMORY_KEYS = ("peak_memory_bytes", "extra_peak_memory_bytes", "memory_kind", "kv_cache_bytes")
 
@@ -96,12 +97,21 @@ def _as_dict(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else dict(node)
 
 
-def _create_method(spec, where: str):
+def model_method_settings(model_name: str, method_name: str) -> dict:
+    """The fields of ``conf/model_method/<model>_<method>.yaml`` (empty if none): what Hydra's optional
+    ``model_method`` default applies to ``method=``, applied to ``run.compare`` entries too."""
+    path = MODEL_METHOD_DIR / f"{model_name}_{method_name}.yaml"
+    return _as_dict(OmegaConf.load(path)) if path.is_file() else {}
+
+
+def _create_method(spec, where: str, model_name: str | None = None):
     if isinstance(spec, str):
         spec = {"name": spec}
     spec = dict(spec)
     if "name" not in spec:
         raise ConfigError(f"{where} needs a 'name'; available methods: {', '.join(method_registry.available())}")
+    if model_name is not None:  # the entry's own fields win over the model's settings
+        spec = {**model_method_settings(model_name, spec["name"]), **spec}
     name = spec.pop("name")
     try:
         return method_registry.create(name, **spec)
@@ -155,7 +165,7 @@ def build_plan(cfg: DictConfig, command_has_arguments: bool = True) -> Plan:
         methods["baseline"] = method_registry.create("baseline")
     for index, method_spec in enumerate([main, *_as_list(compare)]):
         method = method_spec if isinstance(method_spec, method_registry.Method) else \
-            _create_method(method_spec, f"run.compare[{index - 1}]")
+            _create_method(method_spec, f"run.compare[{index - 1}]", model_name=name)
         methods.setdefault(method_label(method), method)
 
     logger = _as_dict(cfg.logger) if cfg.get("logger") is not None else {"name": "none"}
