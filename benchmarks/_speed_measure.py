@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 from tokenprune.engine.apply import apply
 from tokenprune.engine.compat import cache_kwargs, output_cache
 from tokenprune.methods.base import LayerStep, Method
-from tokenprune.run.measure import Clock, PeakMemory, Spans, kv_cache_bytes
+from tokenprune.run.measure import Clock, HostReads, PeakMemory, Spans, kv_cache_bytes
 
 from _speed_inputs import encode
 
@@ -46,10 +46,13 @@ def timed_ms(fn, clock: Clock, repeats: int, warmup: int, from_idle: bool = True
     return [clock.elapsed_ms(start, end) for start, end in marks]
 
 
-def count_synchronizations(fn, device: torch.device) -> int | None:
-    """Host-device synchronisations during ``fn()`` (CUDA sync debug mode); None on CPU."""
+def count_synchronizations(fn, device: torch.device) -> int:
+    """Host-device synchronisations during ``fn()``: CUDA's sync debug mode on GPU; on CPU the operations that
+    would synchronise on a GPU (``HostReads``: reads of device values back to the host)."""
     if device.type != "cuda":
-        return None
+        with HostReads() as reads:
+            fn()
+        return len(reads.calls)
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

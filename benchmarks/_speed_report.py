@@ -146,7 +146,8 @@ step on the method's KV cache with the method applied, *×stock decode* against 
 cache (same per-layer lengths, no hooks); *peak memory* allocated during the prefill (weights included; on CPU the
 process RSS, indicative only), *extra peak* the same minus the memory in use before the call; *KV cache* bytes after
 the prefill; *TTFT* vision encoder + decoder prefill (a lower bound: no preprocessing, no LM head); *syncs*
-host-device synchronisations in one prefill (CUDA sync debug mode; — on CPU). Peer rows: eager attention in
+host-device synchronisations in one prefill (CUDA sync debug mode; on CPU the reads of tensor values back to the
+host that would synchronise on a GPU, `HostReads`). Peer rows: eager attention in
 every decoder layer, with the scoring layers' attention maps kept as `output_attentions=True` keeps them."""
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..engine.apply import apply
 from ..engine.compat import output_cache
@@ -72,6 +74,38 @@ class RunMeasurement:
     output_ids: torch.Tensor  # [1, new_tokens] generated ids (prompt removed)
     report: object | None  # PrefillReport, None for methods that install nothing
     metrics: dict = field(default_factory=dict)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor operations that read device values back to the host — each one a host-device
+    synchronisation on a GPU (``item``, ``tolist``, ``bool`` / ``int`` / ``float`` of a tensor, ``nonzero``,
+    boolean-mask indexing, ``masked_select``, ``unique``). Works on CPU, where CUDA's sync debug mode cannot::
+
+        with HostReads() as reads:
+            model(**inputs)
+        len(reads.calls), reads.calls[0]   # ("nonzero", "tokenprune/methods/fastv.py:49")
+    """
+
+    READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+                       "masked_select", "unique"})
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []  # (operation, "file:line" of the caller)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.calls.append((name, self._caller()))
+        elif name == "__getitem__" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
+                and args[1].dtype == torch.bool:
+            self.calls.append(("boolean index", self._caller()))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _caller() -> str:
+        frame = sys._getframe(2)
+        return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
 def peak_rss_reset() -> bool:
