@@ -74,7 +74,7 @@ def table(report: dict) -> str:
 
     extremes = [r for r in rows if r["label"].startswith("every")]
     lines += [line(r) for r in rows if r not in extremes]
-    if randoms:
+    if randoms:  # the median row closes the random block
         lines.append(f"| random (median of {len(randoms)}) | | | {randoms[0]['cost']:g} | "
                      f"{statistics.median(r['calibration_kl'] for r in randoms):.3g} | "
                      f"{statistics.median(r['heldout_kl'] for r in randoms):.3g} | "

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 
 import fixtures_benchmarks as fb
 from tokenprune.data import create_dataset
@@ -34,17 +33,14 @@ BENCHMARKS = sorted(fb.BUILDERS)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_process():
-    """Tiny models are latency-bound: one intra-op thread is as fast alone and much faster on a busy machine. The
-    runner collects garbage after every generation; frozen long-lived objects (everything the test session has
-    imported) keep each collection from walking the whole heap of this process."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fast_process(one_torch_thread):
+    """One torch thread (tiny models are latency-bound). The runner collects garbage after every generation;
+    frozen long-lived objects (everything the test session has imported) keep each collection from walking the
+    whole heap of this process."""
     gc.collect()
     gc.freeze()
     yield
     gc.unfreeze()
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from tokenprune.models.zoo.checkpoints import packaged_checkpoint
 N_SAMPLES, ANSWER_TOKENS = 4, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP threads per test
-    process oversubscribe the cores (measured: several times slower). Restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 def samples(n=N_SAMPLES, split="train"):

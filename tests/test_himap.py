@@ -33,13 +33,7 @@ from tokenprune.models.zoo.tiny import tiny_llava_config, tiny_llava_processor
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not oversubscribe cores shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 # ---------------------------------------------------------------------------------------------------------

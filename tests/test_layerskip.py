@@ -22,14 +22,7 @@ from tokenprune.methods.layerskip import LayerSkip, SkipPolicy
 FP32 = dict(rtol=1e-5, atol=1e-5)  # float32: a matmul over a gathered subset of rows vs over all rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP threads per test
-    process oversubscribe the cores (measured: several times slower). Restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 @dataclass

@@ -26,9 +26,9 @@ def cache_argument(kwargs: dict):
 
 def set_cache_argument(kwargs: dict, function, cache) -> None:
     """Put ``cache`` into ``kwargs`` under ``function``'s keyword, removing the other name."""
-    keyword = cache_keyword(function)
-    kwargs.pop("past_key_values" if keyword == "cache" else "cache", None)
-    kwargs[keyword] = cache
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("cache", None)
+    kwargs.update(cache_kwargs(function, cache))
 
 
 def output_cache(output):

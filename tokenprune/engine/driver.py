@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .compat import cache_argument, cache_keyword, set_cache_argument
+from .compat import cache_argument, cache_kwargs, set_cache_argument
 from ..methods.base import LayerStep, Method, Selection, VisualSequence, selectors_at
 from .layout import TokenLayout
 from .scores import attention_probabilities, project_keys, project_queries
@@ -562,8 +562,8 @@ class Driver:
         """Masks of a shortened prefill, built without the partly filled cache."""
         batch, length = hidden.shape[:2]
         mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                           position_ids=torch.arange(length, device=hidden.device)[None].expand(batch, -1))
-        mask_kwargs[cache_keyword(create_causal_mask)] = None
+                           position_ids=torch.arange(length, device=hidden.device)[None].expand(batch, -1),
+                           **cache_kwargs(create_causal_mask, None))
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
