@@ -67,7 +67,8 @@ def trace_forward(vlm, sample, family: str, **kwargs) -> tuple[VisionTrace, dict
 # ---------------------------------------------------------------------------------------------------------
 def test_clip_signal_layer_is_the_producer_of_the_feature_layer():
     def config(feature_layer, layers=24):
-        return SimpleNamespace(vision_feature_layer=feature_layer, vision_config=SimpleNamespace(num_hidden_layers=layers))
+        return SimpleNamespace(vision_feature_layer=feature_layer,
+                               vision_config=SimpleNamespace(num_hidden_layers=layers))
 
     assert clip_signal_layer(config(-2)) == 22  # LLaVA-1.5: hidden_states[-2] is layer 22's output
     assert clip_signal_layer(config(-1)) == 23
@@ -173,8 +174,10 @@ def qwen_reference(vlm, pixel_values, grid_thw):
     for t, h, w in grid_thw.tolist():
         offsets.append(starts)
         starts += t * (h // 2) * (w // 2)
-    token = torch.tensor([offsets[i] + f * (grid_thw[i, 1] // 2) * (grid_thw[i, 2] // 2) + (y // 2) * (grid_thw[i, 2] // 2)
-                          + x // 2 for i, f, y, x in coordinates.tolist()])
+    cols = [w // 2 for _, _, w in grid_thw.tolist()]
+    rows = [h // 2 for _, h, _ in grid_thw.tolist()]
+    token = torch.tensor([offsets[i] + f * rows[i] * cols[i] + (y // 2) * cols[i] + x // 2
+                          for i, f, y, x in coordinates.tolist()])
     assert torch.equal(torch.bincount(token), torch.full((length // 4,), 4))
     scores = torch.zeros(length // 4).index_add_(0, token, received) / 4
     keys = torch.zeros(length // 4, k.shape[-1]).index_add_(0, token, k.float().mean(dim=1)) / 4

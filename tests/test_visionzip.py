@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tokenprune.methods.options import budget_count
+from tokenprune.methods.common import budget_count
 from tokenprune.methods.visionzip import VisionZip, visionzip_merge, visionzip_plan
 
 
@@ -103,7 +103,8 @@ def test_hand_case_three_targets_one_memberless():
     merged = visionzip_merge(VALUES, plan)
     assert merged.tolist() == [[[3.5, 2.0], [11.0, 2.0], [6.0, 1.0]]]  # the memberless target is V_6 itself
     torch.testing.assert_close(visionzip_merge(VALUES, plan, "mean"),
-                               torch.tensor([[[7.0, 3.0], [11.0, 2.0], [6.0, 1.0]]]) / torch.tensor([[[3.0], [2.0], [1.0]]]),
+                               torch.tensor([[[7.0, 3.0], [11.0, 2.0], [6.0, 1.0]]])
+                               / torch.tensor([[[3.0], [2.0], [1.0]]]),
                                rtol=0, atol=0)
 
 

@@ -28,17 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, check_choice
-from .options import budget_count, check_budget, check_positions
+from .common import budget_count, check_budget, check_positions, unit_rows
 
 RELEVANCES = ("auto", "clip", "llm", "none")
 TEXT_ROWS = ("after_visual", "all")
 RELEVANCE_EPSILON = 1e-6  # official: added to the numerator of the min-max only
 CLIP_TEXT_POSITIONS = 77
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows over their L2 norm in ``x``'s dtype (a zero row stays zero instead of NaN)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def cdpruner_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, sign: float = -1.0,
@@ -48,7 +43,7 @@ def cdpruner_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, si
     image_embeds ``[B, N, C]``, text_embeds ``[M, C]``; ``r' = mean_m(sign * cos)``, float32. ``theta`` in (0, 1)
     applies the paper's ``exp(theta / (2 (1 - theta)) * r)`` (commented out officially).
     """
-    cosine = _unit(image_embeds.float()) @ _unit(text_embeds.float()).T  # [B, N, M]
+    cosine = unit_rows(image_embeds, torch.float32) @ unit_rows(text_embeds, torch.float32).T  # [B, N, M]
     raw = (sign * cosine).mean(dim=-1)  # [B, N]
     low, high = raw.min(), raw.max()
     span = high - low
@@ -62,7 +57,7 @@ def cdpruner_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, si
 def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor | None) -> torch.Tensor:
     """``L = diag(r) S diag(r)`` ``[B, N, N]`` float32; ``S`` the cosine of ``features`` ``[B, N, d]``, normalised in
     their own dtype, then float32 (as the official code); ``relevance`` ``[B, N]`` or None (``r = 1``)."""
-    unit = _unit(features).float()
+    unit = unit_rows(features).float()
     similarity = unit @ unit.transpose(1, 2)  # [B, N, N]
     if relevance is None:
         return similarity
@@ -122,7 +117,8 @@ def dpp_greedy_map(kernel: torch.Tensor, count: int, fallback_order: torch.Tenso
 def clip_text_chunks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      positions: int = CLIP_TEXT_POSITIONS) -> dict[str, torch.Tensor]:
     """The official CLIP text input: one tokenised question ``[1, len]`` (no truncation) zero-padded to a multiple
-    of ``positions`` and cut into ``M = ceil(len / positions)`` rows: ``input_ids`` / ``attention_mask`` ``[M, positions]``."""
+    of ``positions`` and cut into ``M = ceil(len / positions)`` rows: ``input_ids`` / ``attention_mask``
+    ``[M, positions]``."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"clip_text_chunks expects one tokenised text [1, len], got {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -180,7 +176,8 @@ class CDPruner(Method):
                                        or not 0 < self.theta < 1):
             raise ValueError(f"{self.name}.theta must be a number in (0, 1) or null, got {self.theta!r}")
         if self.clip_path is not None and (not isinstance(self.clip_path, str) or not self.clip_path):
-            raise ValueError(f"{self.name}.clip_path must be a checkpoint path / hub id or null, got {self.clip_path!r}")
+            raise ValueError(f"{self.name}.clip_path must be a checkpoint path / hub id or null, "
+                             f"got {self.clip_path!r}")
         if self.relevance == "clip" and self.clip_path is None:
             raise ValueError(f"{self.name}.relevance=clip needs clip_path (the CLIP checkpoint with the text tower "
                              "and visual_projection, e.g. openai/clip-vit-large-patch14-336)")

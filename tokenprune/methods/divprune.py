@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, check_choice
-from .options import budget_count, check_budget, check_positions
+from .common import budget_count, check_budget, check_positions, unit_rows
 
 SCOPES = ("sample", "group")
 SIM_DTYPES = ("float32", "model")
@@ -29,8 +29,7 @@ SIM_DTYPES = ("float32", "model")
 
 def cosine_distances(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``D = 1 - X̂ X̂ᵀ`` in ``dtype``, exactly symmetric. ``features``: ``[B, N, d]`` → ``[B, N, N]``."""
-    x = features.to(dtype)
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    unit = unit_rows(features, dtype)
     gram = unit @ unit.transpose(1, 2)
     gram = (gram + gram.transpose(1, 2)) / 2  # a + b == b + a: exactly symmetric, the diagonal unchanged
     return 1 - gram

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, check_choice, check_ratio
-from .options import budget_count, check_budget, check_positions
+from .common import budget_count, check_budget, check_positions, unit_rows
 
 MERGES = ("official", "mean")
 # tokenprune's split of a ``budget`` into dominant + contextual: the paper's LLaVA settings (54 + 10, 108 + 20,
@@ -76,12 +76,6 @@ def complement(chosen: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return order[:, : num_tokens - chosen.shape[1]]
 
 
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm in float32 (a zero row stays zero instead of NaN)."""
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
-
 def visionzip_plan(scores: torch.Tensor, keys: torch.Tensor, num_dominant: int, num_contextual: int) -> VisionZipPlan:
     """Dominant selection, stride targets and key-similarity assignment (card §2.2 steps 1-4).
 
@@ -104,7 +98,7 @@ def visionzip_plan(scores: torch.Tensor, keys: torch.Tensor, num_dominant: int, 
     step = max(1, n // contextual)
     target_positions = torch.arange(0, contextual * step, step, device=device)  # [C] positions within R
     targets = remaining[:, target_positions]  # [B, C]
-    unit = unit_rows(keys.gather(1, remaining[..., None].expand(-1, -1, keys.shape[-1])))  # [B, n, d_k]
+    unit = unit_rows(keys.gather(1, remaining[..., None].expand(-1, -1, keys.shape[-1])), torch.float32)  # [B, n, d_k]
     similarity = unit @ unit[:, target_positions].transpose(1, 2)  # [B, n, C]
     slot = similarity.argmax(dim=-1)  # [B, n]: first target on ties
     is_target = torch.zeros(batch, n, dtype=torch.bool, device=device)
@@ -117,7 +111,8 @@ def visionzip_merge(values: torch.Tensor, plan: VisionZipPlan, merge: str = "off
     """The contextual tokens (card §2.2 step 5), computed in float32 or wider, returned in ``values``' dtype.
 
     values ``[B, N, d]`` (content rows; LLaVA: pre-projector features, Qwen: LLM embeddings) → ``[B, C, d]``.
-    official: ``V[target] + sum(V[members]) / max(1, members)``; mean: ``(V[target] + sum(V[members])) / (1 + members)``.
+    official: ``V[target] + sum(V[members]) / max(1, members)``;
+    mean: ``(V[target] + sum(V[members])) / (1 + members)``.
     """
     check_choice("visionzip", "merge", merge, MERGES)
     batch, _, dim = values.shape

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, check_choice
-from .options import budget_count, check_budget, check_positions
-from .visionzip import unit_rows
+from .common import budget_count, check_budget, check_positions, unit_rows
 
 PARITIES = ("general", "lightcompress")
 
@@ -56,7 +55,7 @@ def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int
     num_important, num_diverse = vispruner_counts(num_tokens, keep, important_ratio, parity)
     order = torch.argsort(importance.float(), dim=-1, descending=True, stable=True)  # [B, N]
     important, residual = order[:, :num_important], order[:, num_important:]  # [B, T_imp], [B, R]
-    unit = unit_rows(features)  # [B, N, C]
+    unit = unit_rows(features, torch.float32)  # [B, N, C]
     while num_diverse > 0 and residual.shape[1] > num_diverse:
         removals = min(step, residual.shape[1] - num_diverse)
         side_a, side_b = residual[:, 0::2], residual[:, 1::2]  # [B, |A|], [B, |B|]

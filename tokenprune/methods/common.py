@@ -1,4 +1,5 @@
-"""Field conventions shared by the reduction methods of issue 18 (VisionZip, VisPruner, DivPrune, CDPruner, ...).
+"""What the reduction methods of issue 18 share (VisionZip, VisPruner, DivPrune, CDPruner, ...): the budget and
+positions conventions of their fields, and row normalisation for cosine similarities.
 
 **Budget.** ``budget`` is the retained-token setting every such method understands, so that methods compare at
 equal token counts. It counts the visual tokens the decoder receives for one *pool* (by default one visual
@@ -20,6 +21,8 @@ official LLaVA implementation re-packs; original positions on mRoPE), ``keep`` (
 from __future__ import annotations
 
 import math
+
+import torch
 
 POSITIONS = ("auto", "keep", "reindex")
 
@@ -60,3 +63,9 @@ def resolve_positions(method: str, value: str, rope: str) -> str:
         raise ValueError(f"{method}.positions=reindex needs 1-D RoPE; this model uses {rope} "
                          "(use positions=keep or auto)")
     return value
+
+
+def unit_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows of ``x`` (in ``dtype``, default its own) over their L2 norm; a zero row stays zero instead of NaN."""
+    x = x if dtype is None else x.to(dtype)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

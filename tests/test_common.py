@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenprune.methods.options import budget_count, check_budget, resolve_positions
+from tokenprune.methods.common import budget_count, check_budget, resolve_positions
 
 
 @pytest.mark.parametrize("budget,tokens,kept", [
@@ -19,7 +19,8 @@ def test_budget_count_by_hand(budget, tokens, kept):
 
 @pytest.mark.parametrize("bad", [-1, 0.0, 1.5, -0.5, float("nan"), float("inf"), True, "64", None])
 def test_bad_budgets_are_refused_naming_the_field_and_the_allowed_values(bad):
-    with pytest.raises(ValueError, match=r"m\.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"):
+    message = r"m\.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"
+    with pytest.raises(ValueError, match=message):
         check_budget("m", "budget", bad)
 
 
