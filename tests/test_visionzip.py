@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tokenprune.methods.common import budget_count
-from tokenprune.methods.visionzip import VisionZip, visionzip_merge, visionzip_plan
+from tokenprune.methods.visionzip import VisionZip, visionzip_merge, visionzip_plan, visionzip_weights
 
 
 def reference_visionzip(scores, keys, values, dominant, contextual, merge="official"):
@@ -106,6 +106,32 @@ def test_hand_case_three_targets_one_memberless():
                                torch.tensor([[[7.0, 3.0], [11.0, 2.0], [6.0, 1.0]]])
                                / torch.tensor([[[3.0], [2.0], [1.0]]]),
                                rtol=0, atol=0)
+
+
+def test_merge_weights_by_hand_and_as_a_matrix_product():
+    keys = torch.zeros(1, 8, 3)
+    keys[0, 0], keys[0, 4], keys[0, 6] = torch.eye(3)
+    keys[0, 2], keys[0, 5], keys[0, 7] = torch.tensor([[3.0, 1.0, 0.0], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0]])
+    plan = visionzip_plan(SCORES, keys, 2, 3)  # the three-target hand case: members [[2, 5], [7], []]
+    official = torch.zeros(3, 8)
+    official[0, [0, 2, 5]] = torch.tensor([1.0, 0.5, 0.5])
+    official[1, [4, 7]] = torch.tensor([1.0, 1.0])
+    official[2, 6] = 1.0
+    assert torch.equal(visionzip_weights(plan, 8)[0], official)
+    mean = torch.zeros(3, 8)
+    mean[0, [0, 2, 5]] = 1 / 3
+    mean[1, [4, 7]] = 0.5
+    mean[2, 6] = 1.0
+    assert torch.equal(visionzip_weights(plan, 8, "mean")[0], mean)
+    generator = torch.Generator().manual_seed(9)
+    for merge in ("official", "mean"):
+        scores, keys = torch.rand(4, 30, generator=generator), torch.randn(4, 30, 5, generator=generator)
+        values = torch.randn(4, 30, 6, generator=generator, dtype=torch.float64)
+        plan = visionzip_plan(scores, keys, 9, 5)
+        # float32 weights (1/3 is rounded) against the float64 merge
+        torch.testing.assert_close(visionzip_weights(plan, 30, merge).double() @ values,
+                                   visionzip_merge(values, plan, merge), rtol=1e-7, atol=1e-7)
+    assert visionzip_weights(visionzip_plan(SCORES, keys[:1, :8], 8, 2), 8).shape == (1, 0, 8)
 
 
 def test_members_identical_to_their_target():

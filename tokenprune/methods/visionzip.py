@@ -133,6 +133,31 @@ def visionzip_merge(values: torch.Tensor, plan: VisionZipPlan, merge: str = "off
     return merged.to(values.dtype)
 
 
+def visionzip_weights(plan: VisionZipPlan, num_tokens: int, merge: str = "official") -> torch.Tensor:
+    """The merge as weights over the content tokens: ``[B, C, N]`` float32 with ``ctx = weights @ V``.
+
+    official: 1 on the target, ``1 / members`` on each member (rows sum to 2 when the target has members);
+    mean: ``1 / (1 + members)`` on the target and each member. For inputs that must follow the merged rows
+    (side inputs merged with the same weights) and for reporting; ``visionzip_merge`` applies the same merge.
+    """
+    check_choice("visionzip", "merge", merge, MERGES)
+    batch, contextual = plan.targets.shape
+    weights = torch.zeros(batch, contextual, num_tokens, device=plan.targets.device)
+    if contextual == 0:
+        return weights
+    member = (~plan.is_target).float()  # [B, n]
+    counts = torch.zeros(batch, contextual, device=weights.device).scatter_add_(1, plan.slot, member)  # [B, C]
+    member_weight = 1 / counts.clamp(min=1) if merge == "official" else 1 / (1 + counts)  # [B, C]
+    target_weight = torch.ones_like(counts) if merge == "official" else member_weight
+    slots = torch.arange(contextual, device=weights.device).expand(batch, -1)
+    # members: weights[b, slot[b, i], remaining[b, i]] = member_weight[b, slot[b, i]] for non-targets
+    flat = weights.view(batch, -1)
+    member_index = plan.slot * num_tokens + plan.remaining  # [B, n]
+    flat.scatter_add_(1, member_index, member_weight.gather(1, plan.slot) * member)
+    flat.scatter_(1, slots * num_tokens + plan.targets, target_weight)
+    return weights
+
+
 @dataclass
 class VisionZip(Method):
     """Per visual group keep ``dominant`` tokens (CLS included on CLS encoders) and ``contextual`` merged ones.
