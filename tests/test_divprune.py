@@ -130,3 +130,16 @@ def test_config_counts_and_model_dtype():
 def test_validation_names_the_field_and_the_allowed_values(fields, message):
     with pytest.raises(ValueError, match=message):
         DivPrune(**fields)
+
+
+def check_device(device: str):
+    features = torch.randn(3, 144, 128, generator=torch.Generator().manual_seed(10))
+    on_device = cosine_distances(features.to(device))
+    assert torch.equal(on_device, on_device.transpose(1, 2))  # cuBLAS need not give a symmetric X X^T by itself
+    picks = divprune_select(on_device, 40).cpu()
+    assert torch.equal(picks, divprune_select(cosine_distances(features), 40))
+
+
+@pytest.mark.gpu
+def test_cuda_distances_are_symmetric_and_picks_equal_cpu():
+    check_device("cuda")

@@ -292,3 +292,26 @@ def test_vispruner_important_set_is_the_top_of_the_brute_force_scores(name, fami
         top = set(torch.argsort(reference[image], descending=True)[:8].tolist())
         assert top <= set(kept[image].tolist())
         assert top == set(torch.argsort(scores[image], descending=True, stable=True)[:8].tolist())
+
+
+def check_device(device: str):
+    for name, family in (("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")):
+        vlm = build(name, "sdpa")
+        inputs = vlm.prepare(two_images(3))
+        with VisionTrace(vlm.model, family) as trace, torch.no_grad():
+            vlm.model(**inputs)
+        model = vlm.model.to(device)
+        try:
+            with VisionTrace(model, family) as moved, torch.no_grad():
+                model(**inputs.to(device))
+            for cpu, other in zip(trace.groups(), moved.groups()):
+                assert other.scores.device.type == torch.device(device).type
+                torch.testing.assert_close(other.scores.cpu(), cpu.scores, rtol=1e-4, atol=1e-6)  # TF32-free fp32
+                torch.testing.assert_close(other.keys.cpu(), cpu.keys, rtol=1e-4, atol=1e-5)
+        finally:
+            vlm.model.to("cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_trace_equals_cpu():
+    check_device("cuda")
