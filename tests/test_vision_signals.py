@@ -258,6 +258,20 @@ def test_trace_is_lazy_changes_nothing_and_removes_its_hooks(name, family, monke
     assert hook_snapshot(vlm.model) == before
 
 
+@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+def test_generate_encodes_the_images_once_before_its_first_forward_and_the_trace_sees_it(name, family):
+    """transformers 5 ``generate`` runs the vision encoder itself (``mm_encoder_outputs``), before the first forward:
+    a trace around ``generate`` gets one encoder call with the same signals as around a plain forward."""
+    vlm = build(name, "sdpa")
+    inputs = vlm.prepare(two_images(4))
+    forward_trace, _ = trace_forward(vlm, two_images(4), family)
+    with VisionTrace(vlm.model, family) as trace, torch.no_grad():
+        vlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert len(trace.captures) == 1
+    for generated, forwarded in zip(trace.groups(), forward_trace.groups(), strict=True):
+        assert torch.equal(generated.scores, forwarded.scores) and torch.equal(generated.keys, forwarded.keys)
+
+
 def test_unknown_family_and_full_strategy_are_refused():
     with pytest.raises(ValueError, match="no vision signals for model family 'nope'; available: llava, qwen25vl"):
         VisionTrace(None, "nope")
