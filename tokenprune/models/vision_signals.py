@@ -1,0 +1,297 @@
+"""Vision-encoder signals for pre-LLM methods (VisionZip, VisPruner): per visual group, how much attention each
+LLM-level visual token gets inside the vision encoder, and the encoder's keys for grouping.
+
+Recomputed lazily from one encoder layer's own norm and projections, with a float32 softmax, chunked over query
+rows (never an ``H x T x T`` map, never eager attention: the encoder keeps its SDPA / flash kernels):
+
+* **LLaVA** (CLIP, with CLS): the layer producing the feature layer (``vision_feature_layer=-2``: layer 22 of 24).
+  ``scores``: the CLS row's softmax over all ``N + 1`` keys, head mean, patch columns ``[N]``. ``keys``: the
+  layer's ``k_proj(layer_norm1(x))`` averaged over heads ``[N, head_dim]`` (CLS key in ``cls_keys``).
+  ``features``: the layer's output patches ``[N, D]`` (``hidden_states[-2][1:]``, pre-projector), the CLS
+  feature in ``cls_features``; ``project`` is the multimodal projector.
+* **Qwen2.5-VL** (windowed ViT, no CLS): the last block (full attention). ``scores``: the softmax with the vision
+  RoPE, head mean, summed over all query rows of the block's attention segment (one temporal step), averaged
+  over each 2x2 merge unit, window order undone ``[M]``. ``keys``: the block's RoPE'd keys averaged over heads and
+  merge unit ``[M, head_dim]``. No features: methods use the post-merger LLM embeddings.
+
+Groups: one per image (LLaVA), one per temporal step of each image / video grid (Qwen), in the order the vision
+encoder saw them (its calls in order, then the batch / grid order of each call), token order as the LLM reads
+them. ``VisionTrace`` registers the capture hooks (which only keep references to the layer's inputs) and always
+removes them; nothing is computed until a method asks.
+
+Phase 1 (issue 18): this module moves into the model-family files when the engine v2 contract lands.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.scores import SCORE_CHUNK_BYTES, attention_probabilities, rotate_half
+
+
+@dataclass(frozen=True)
+class GroupSource:
+    """Where a group came from: the ``call``-th vision-encoder call, its ``item``-th image / grid, ``frame``-th
+    temporal step (0 for images)."""
+
+    call: int
+    item: int
+    frame: int
+
+
+@dataclass
+class GroupSignals:
+    """The signals of one visual group of ``n`` LLM tokens (float32 scores and keys)."""
+
+    source: GroupSource
+    scores: torch.Tensor  # [n]
+    keys: torch.Tensor  # [n, head_dim]
+    features: torch.Tensor | None = None  # [n, D] pre-projector features (LLaVA)
+    cls_feature: torch.Tensor | None = None  # [D]
+    cls_key: torch.Tensor | None = None  # [head_dim]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLaVA (CLIP vision tower)
+# ---------------------------------------------------------------------------------------------------------
+def clip_signal_layer(config) -> int:
+    """Index of the CLIP encoder layer whose output is the LLaVA feature layer (``hidden_states[f]`` is the output
+    of layer ``f - 1``; ``-2`` of 24 layers is layer 22)."""
+    feature_layer = config.vision_feature_layer
+    layers = config.vision_config.num_hidden_layers
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise ValueError(f"vision signals need one vision_feature_layer, got {feature_layer!r}")
+    index = layers + feature_layer if feature_layer < 0 else feature_layer - 1
+    if not 0 <= index < layers:
+        raise ValueError(f"vision_feature_layer={feature_layer} is not the output of an encoder layer "
+                         f"(the tower has {layers} layers)")
+    return index
+
+
+def clip_heads(attention, x: torch.Tensor, projection) -> torch.Tensor:
+    """``projection(x)`` split into heads: ``x`` ``[B, T, D]`` → ``[B, H, T, head_dim]``."""
+    batch, length, _ = x.shape
+    return projection(x).view(batch, length, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+
+def clip_cls_attention(layer, hidden: torch.Tensor, chunk_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
+    """CLS row of ``layer``'s attention, head mean, patch columns: ``hidden`` ``[B, N + 1, D]`` (the layer input)
+    → ``[B, N]`` float32."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)  # [B, N + 1, D]
+    queries = clip_heads(attention, normed[:, :1], attention.q_proj)  # [B, H, 1, hd]
+    keys = clip_heads(attention, normed, attention.k_proj)  # [B, H, N + 1, hd]
+    columns = torch.arange(1, hidden.shape[1], device=hidden.device)
+    probs = attention_probabilities(queries, keys, torch.zeros(1, dtype=torch.long, device=hidden.device), columns,
+                                    attention.scale, causal=False, heads="mean", chunk_bytes=chunk_bytes)
+    return probs[:, 0]  # [B, N]
+
+
+def clip_mean_keys(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """``k_proj(layer_norm1(hidden))`` averaged over heads: ``[B, N + 1, D]`` → ``[B, N + 1, head_dim]`` float32."""
+    attention = layer.self_attn
+    return clip_heads(attention, layer.layer_norm1(hidden), attention.k_proj).float().mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL (windowed ViT, 2x2 patch merger)
+# ---------------------------------------------------------------------------------------------------------
+def vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The ViT's rotary embedding in float32: ``x`` ``[T, H, hd]``, ``cos`` / ``sin`` ``[T, hd]``."""
+    cos, sin = cos.float()[:, None], sin.float()[:, None]
+    x = x.float()
+    return x * cos + rotate_half(x) * sin
+
+
+def qwen_block_qk(block, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE'd queries and keys of a ViT block from its own norm and qkv: ``hidden`` ``[T, D]`` (window order)
+    → two ``[T, H, hd]`` float32."""
+    attention = block.attn
+    length = hidden.shape[0]
+    qkv = attention.qkv(block.norm1(hidden)).reshape(length, 3, attention.num_heads, -1)
+    cos, sin = position_embeddings
+    return vision_rope(qkv[:, 0], cos, sin), vision_rope(qkv[:, 1], cos, sin)
+
+
+def qwen_received_attention(block, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings,
+                            chunk_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
+    """Attention each patch receives in ``block``: head mean, summed over the query rows of its own attention
+    segment (``cu_seqlens``). ``hidden`` ``[T, D]`` → ``[T]`` float32, window order."""
+    queries, keys = qwen_block_qk(block, hidden, position_embeddings)
+    bounds = cu_seqlens.tolist()
+    received = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        q = queries[start:stop].transpose(0, 1)[None]  # [1, H, n, hd]
+        k = keys[start:stop].transpose(0, 1)[None]
+        rows = torch.arange(stop - start, device=hidden.device)
+        received.append(attention_probabilities(q, k, rows, None, block.attn.scaling, causal=False, heads="mean",
+                                                reduce="sum", chunk_bytes=chunk_bytes)[0])
+    return torch.cat(received)
+
+
+def merge_units(values: torch.Tensor, window_index: torch.Tensor, unit: int) -> torch.Tensor:
+    """Average each merge unit of ``unit`` consecutive window-ordered rows and undo the window permutation:
+    ``[T, ...]`` → ``[T / unit, ...]`` in LLM-token order."""
+    pooled = values.reshape(values.shape[0] // unit, unit, *values.shape[1:]).mean(dim=1)
+    return pooled[torch.argsort(window_index)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Family sources (a registry by family name; moves into the family files in engine v2)
+# ---------------------------------------------------------------------------------------------------------
+class SignalSource(ABC):
+    """What one model family needs to capture and how it turns captures into per-group signals."""
+
+    family: str = ""
+    has_cls: bool = False
+
+    @abstractmethod
+    def hook(self, model, record) -> list:
+        """Register the capture hooks on ``model``; ``record(key, value)`` stores a capture. Returns the handles."""
+
+    @abstractmethod
+    def compute(self, model, captures: list[dict], chunk_bytes: int) -> list[GroupSignals]:
+        """Per-group signals from the captures of each vision-encoder call, in call order."""
+
+    def project(self, model, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.family} family has no pre-projector features to project")
+
+
+class ClipSource(SignalSource):
+    family = "llava"
+    has_cls = True
+
+    def layer(self, model):
+        config = model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("vision signals support vision_feature_select_strategy='default' (CLS not a visual "
+                             f"token), got {config.vision_feature_select_strategy!r}")
+        return model.model.vision_tower.encoder.layers[clip_signal_layer(config)]
+
+    def hook(self, model, record) -> list:
+        def capture(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            record({"hidden": hidden, "output": output[0] if isinstance(output, tuple) else output})
+
+        return [self.layer(model).register_forward_hook(capture, with_kwargs=True)]
+
+    def compute(self, model, captures, chunk_bytes):
+        layer = self.layer(model)
+        groups = []
+        for call, capture in enumerate(captures):
+            hidden, output = capture["hidden"], capture["output"]  # [B, N + 1, D] each
+            scores = clip_cls_attention(layer, hidden, chunk_bytes)  # [B, N]
+            keys = clip_mean_keys(layer, hidden)  # [B, N + 1, hd]
+            for item in range(hidden.shape[0]):
+                groups.append(GroupSignals(GroupSource(call, item, 0), scores[item], keys[item, 1:],
+                                           output[item, 1:], output[item, 0], keys[item, 0]))
+        return groups
+
+    def project(self, model, features):
+        return model.model.multi_modal_projector(features)
+
+
+class QwenWindowedSource(SignalSource):
+    family = "qwen25vl"
+    has_cls = False
+
+    def hook(self, model, record) -> list:
+        visual = model.model.visual
+        pending = {}
+
+        def capture_grid(module, args, kwargs):
+            pending["grid_thw"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+        def capture_block(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            record({"hidden": hidden, "cu_seqlens": kwargs["cu_seqlens"],
+                    "position_embeddings": kwargs["position_embeddings"], "grid_thw": pending["grid_thw"]})
+
+        return [visual.register_forward_pre_hook(capture_grid, with_kwargs=True),
+                visual.blocks[-1].register_forward_hook(capture_block, with_kwargs=True)]
+
+    def compute(self, model, captures, chunk_bytes):
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = model.model.visual
+        block = visual.blocks[-1]
+        unit = visual.spatial_merge_unit
+        groups = []
+        for call, capture in enumerate(captures):
+            hidden, grid_thw = capture["hidden"], capture["grid_thw"]
+            window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                      window_size=visual.window_size, patch_size=visual.patch_size)
+            window_index = window_index.to(hidden.device)
+            received = qwen_received_attention(block, hidden, capture["cu_seqlens"], capture["position_embeddings"],
+                                               chunk_bytes)  # [T]
+            _, keys = qwen_block_qk(block, hidden, capture["position_embeddings"])  # [T, H, hd]
+            scores = merge_units(received, window_index, unit)  # [T / 4]
+            keys = merge_units(keys.mean(dim=1), window_index, unit)  # [T / 4, hd]
+            start = 0
+            for item, (frames, height, width) in enumerate(grid_thw.tolist()):
+                size = height * width // unit
+                for frame in range(frames):
+                    groups.append(GroupSignals(GroupSource(call, item, frame), scores[start:start + size],
+                                               keys[start:start + size]))
+                    start += size
+        return groups
+
+
+SOURCES: dict[str, SignalSource] = {source.family: source for source in (ClipSource(), QwenWindowedSource())}
+
+
+def signal_source(family: str) -> SignalSource:
+    if family not in SOURCES:
+        raise ValueError(f"no vision signals for model family {family!r}; available: {', '.join(sorted(SOURCES))}")
+    return SOURCES[family]
+
+
+class VisionTrace:
+    """Capture what the vision encoder computes in the forward calls made inside ``with``; signals on demand.
+
+        with VisionTrace(model, "llava") as trace:
+            model(**inputs)
+        groups = trace.groups()  # computed now, once: list[GroupSignals]
+
+    The hooks only keep references to the capture layer's inputs (and, on LLaVA, its output); they are removed
+    on exit, even on error. ``chunk_bytes`` bounds the float32 score block materialised at once.
+    """
+
+    def __init__(self, model, family: str, chunk_bytes: int = SCORE_CHUNK_BYTES):
+        self.model = model
+        self.source = signal_source(family)
+        self.chunk_bytes = chunk_bytes
+        self.captures: list[dict] = []
+        self._handles: list = []
+        self._groups: list[GroupSignals] | None = None
+
+    @property
+    def has_cls(self) -> bool:
+        return self.source.has_cls
+
+    def __enter__(self) -> "VisionTrace":
+        self._handles = self.source.hook(self.model, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, capture: dict) -> None:
+        self.captures.append(capture)
+        self._groups = None
+
+    @torch.no_grad()
+    def groups(self) -> list[GroupSignals]:
+        if self._groups is None:
+            self._groups = self.source.compute(self.model, self.captures, self.chunk_bytes)
+        return self._groups
+
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-projector features ``[..., D]`` to LLM embeddings (LLaVA's projector)."""
+        return self.source.project(self.model, features)
