@@ -191,10 +191,11 @@ def test_settings_defaults_and_validation():
     assert method.layers == [3, 7, 16] and method.position_rule("1d") == "reindex"
     assert method.position_rule("mrope") == "keep" and SparseVLM(positions="keep").position_rule("1d") == "keep"
     assert SparseVLM(counts=[10, 5], layers=[2, 4]).stage_counts(576) == [10, 5]
+    assert SparseVLM(layers=[]).layers == []  # prunes nothing (the identity case of card §8.6)
     bad = [({"retain": 100}, r"sparsevlm\.retain must be one of \[64, 96, 128, 192\]"),
            ({"budget": 0}, r"sparsevlm\.budget must be"), ({"budget": 64, "retain": 64}, "set at most one of"),
            ({"counts": [1, 2]}, r"sparsevlm\.counts must be 3 non-negative integers"),
-           ({"layers": []}, "at least one layer"), ({"layers": [3, 3]}, "strictly increasing"),
+           ({"layers": [3, 3]}, "strictly increasing"),
            ({"layers": [0, 3]}, r"sparsevlm\.layers\[0\] must be >= 1"),
            ({"layers": [2, 3, 4, 5]}, "retain gives 3 per-stage counts"),
            ({"schedule": "rank"}, r"sparsevlm\.rank_scale must be a number"),

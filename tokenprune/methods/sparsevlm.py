@@ -254,9 +254,7 @@ class SparseVLM(Method):
     seed: int = 0  # DPC-KNN density tie-break noise
 
     def __post_init__(self):
-        self.layers = list(self.layers)
-        if not self.layers:
-            raise ValueError(f"{self.name}.layers must list at least one layer (use method=baseline for none)")
+        self.layers = list(self.layers)  # [] prunes nothing (card §8.6: the baseline's logits)
         for i, layer in enumerate(self.layers):
             check_layer(self.name, f"layers[{i}]", layer)
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
@@ -284,7 +282,7 @@ class SparseVLM(Method):
                                  f"(v1 scripts: 13.5 MME, 9 POPE, 0.8 TextVQA), got {self.rank_scale!r}")
             if isinstance(self.rank_bias, bool) or not isinstance(self.rank_bias, (int, float)):
                 raise ValueError(f"{self.name}.rank_bias must be a number, got {self.rank_bias!r}")
-        elif self.budget is None and self.counts is None and len(self.layers) != 3:
+        elif self.budget is None and self.counts is None and len(self.layers) not in (0, 3):
             raise ValueError(f"{self.name}.retain gives 3 per-stage counts but layers has {len(self.layers)}; "
                              "set counts (one per layer) or budget")
         if not isinstance(self.recycle, bool):
