@@ -1,0 +1,175 @@
+"""The pooling baseline's pure algorithm (``tokenprune/methods/pool.py``) against the card (``downsample.md`` §8.4-5).
+
+References: hand-computed means, PyTorch's own pooling ops (``avg_pool2d``/``avg_pool3d`` with ``ceil_mode``,
+``adaptive_avg_pool2d``, ``max_pool2d``), HF LLaVA-OneVision's ``apply_pooling``, and Qwen2.5-VL's own
+``get_rope_index`` on the pooled ``grid_thw``.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenprune.methods._budget import budget_fraction
+from tokenprune.methods.pool import (Pool, adaptive_windows, grid_positions, mean_positions, plan_grid,
+                                     stride_windows)
+
+
+def as_image(x, h, w):  # [h*w, d] raster rows -> [1, d, h, w]
+    return x.reshape(h, w, -1).permute(2, 0, 1)[None]
+
+
+def as_rows(image):  # [1, d, h, w] -> [h*w, d]
+    return image[0].permute(1, 2, 0).reshape(-1, image.shape[1])
+
+
+def test_stride_one_is_the_identity():
+    x = torch.randn(20, 7)
+    for mode in ("avg", "max"):
+        assert torch.equal(plan_grid((1, 4, 5), mode, stride=1).apply(x), x)
+
+
+def test_four_by_four_to_two_by_two_by_hand():
+    x = torch.arange(16.0)[:, None]  # cell value = row * 4 + col
+    pooled = plan_grid((1, 4, 4), "avg", stride=2).apply(x)
+    assert pooled[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]  # (0+1+4+5)/4, (2+3+6+7)/4, ...
+    assert plan_grid((1, 4, 4), "max", stride=2).apply(x)[:, 0].tolist() == [5.0, 7.0, 13.0, 15.0]
+
+
+def test_five_by_five_ceil_windows():
+    x = torch.arange(25.0)[:, None]
+    pooling = plan_grid((1, 5, 5), "avg", stride=2)
+    assert pooling.out_shape == (1, 3, 3) and stride_windows(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    pooled = pooling.apply(x)[:, 0]
+    assert pooled[0] == (0 + 1 + 5 + 6) / 4 and pooled[2] == (4 + 9) / 2 and pooled[8] == 24  # in-range cells only
+    y = torch.randn(35, 6)  # 5 x 7 grid, stride 2 and 3, against PyTorch's ceil-mode pooling
+    for stride in (2, 3, 4):
+        expected = F.avg_pool2d(as_image(y, 5, 7), stride, stride, ceil_mode=True)
+        torch.testing.assert_close(plan_grid((1, 5, 7), "avg", stride=stride).apply(y), as_rows(expected))
+        expected = F.max_pool2d(as_image(y, 5, 7), stride, stride, ceil_mode=True)
+        assert torch.equal(plan_grid((1, 5, 7), "max", stride=stride).apply(y), as_rows(expected))
+
+
+def test_adaptive_bins_equal_adaptive_pooling():
+    y = torch.randn(24 * 24, 5)
+    for out in ((11, 11), (7, 13), (24, 24), (1, 1)):
+        pooling = plan_grid((1, 24, 24), "avg", out=out)
+        torch.testing.assert_close(pooling.apply(y), as_rows(F.adaptive_avg_pool2d(as_image(y, 24, 24), out)))
+        pooling = plan_grid((1, 24, 24), "max", out=out)
+        assert torch.equal(pooling.apply(y), as_rows(F.adaptive_max_pool2d(as_image(y, 24, 24), out)))
+    assert adaptive_windows(5, 3) == [(0, 2), (1, 4), (3, 5)]  # overlapping bins, as PyTorch
+
+
+def test_budget_fraction_picks_the_scaled_grid():
+    sides = {budget: plan_grid((1, 24, 24), fraction=budget_fraction(576, budget)).out_shape
+             for budget in (192, 144, 128, 64, 1, 576, 0.25)}
+    assert sides == {192: (1, 14, 14), 144: (1, 12, 12), 128: (1, 11, 11), 64: (1, 8, 8), 1: (1, 1, 1),
+                     576: (1, 24, 24), 0.25: (1, 12, 12)}
+    assert plan_grid((1, 6, 10), fraction=0.25).out_shape == (1, 3, 5)  # each axis scaled by sqrt(f)
+    assert Pool(budget=128).plan((1, 24, 24), fraction=budget_fraction(576, 128)).num_out == 121
+
+
+def test_bilinear_equals_llava_onevision_apply_pooling():
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    stub = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=98, patch_size=14)))
+    features = torch.randn(3, 49, 8)  # 3 frames of 7 x 7
+    expected = LlavaOnevisionModel.apply_pooling(stub, features)  # [3, 16, 8]
+    pooling = plan_grid((1, 7, 7), "bilinear", stride=2)
+    got = torch.stack([pooling.apply(frame) for frame in features])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # separable vs 2-D kernel: float32 order
+
+
+def test_temporal_stride_equals_avg_pool3d():
+    y = torch.randn(5 * 4 * 6, 3)  # 5 temporal groups of 4 x 6
+    pooling = plan_grid((5, 4, 6), "avg", stride=2, t_stride=2)
+    assert pooling.out_shape == (3, 2, 3)
+    video = y.reshape(5, 4, 6, 3).permute(3, 0, 1, 2)[None]  # [1, d, t, h, w]
+    expected = F.avg_pool3d(video, 2, 2, ceil_mode=True)[0].permute(1, 2, 3, 0).reshape(-1, 3)
+    torch.testing.assert_close(pooling.apply(y), expected)
+
+
+def test_weights_reproduce_the_values_and_side_inputs_pool_alike():
+    y = torch.randn(30, 4, dtype=torch.float64)
+    for mode in ("avg", "bilinear"):
+        pooling = plan_grid((1, 5, 6), mode, stride=2)
+        torch.testing.assert_close(pooling.weights() @ y, pooling.apply(y), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pooling.weights().sum(-1), torch.ones(pooling.num_out, dtype=torch.float64))
+    side = torch.randn(30, 2, 3)  # any trailing shape (e.g. DeepStack features): the same windows
+    assert plan_grid((1, 5, 6), "max").apply(side).shape == (9, 2, 3)
+
+
+def test_mean_positions_by_hand():
+    pooling = plan_grid((1, 3, 3), "avg", stride=2)  # windows rows/cols (0, 2), (2, 3)
+    positions = torch.arange(10, 19)[None]  # 1-D positions of the 9 cells
+    # cells {10, 11, 13, 14} -> 12; {12, 15} -> 13.5 -> 14 (half to even); {16, 17} -> 16.5 -> 16; {18}
+    assert mean_positions(positions, pooling).tolist() == [[12, 14, 16, 18]]
+
+
+def test_grid_positions_one_d_renumber():
+    positions = torch.arange(30)[None]
+    sources = [(5, 21, plan_grid((1, 4, 4), stride=2))]  # 16 rows -> 4
+    assert grid_positions(positions, sources).tolist() == [list(range(18))]
+
+
+def _qwen_rope_index(segments):
+    """The stock Qwen2.5-VL rope index for a sequence of ("text", n) / ("image", (h, w)) / ("video", (t, h, w))
+    (h, w in LLM tokens): positions [3, L]."""
+    from tokenprune.models.zoo.tiny import QWEN_SPECIALS, tiny_qwen25vl_config
+    from transformers import Qwen2_5_VLModel
+
+    config = tiny_qwen25vl_config()
+    model = _qwen_rope_index.__dict__.setdefault("model", Qwen2_5_VLModel(config))
+    ids, types, images, videos = [], [], [], []
+    for kind, value in segments:
+        if kind == "text":
+            ids += [QWEN_SPECIALS.index("<|endoftext|>") + 20] * value
+            types += [0] * value
+        else:
+            t, h, w = (1, *value) if kind == "image" else value
+            token = config.image_token_id if kind == "image" else config.video_token_id
+            ids[-1:] = [config.vision_start_token_id]
+            ids += [token] * (t * h * w)
+            types += [1 if kind == "image" else 2] * (t * h * w)
+            (images if kind == "image" else videos).append([t, 2 * h, 2 * w])
+    ids, types = torch.tensor([ids]), torch.tensor([types])
+    position_ids, _ = model.get_rope_index(ids, types, torch.tensor(images) if images else None,
+                                           torch.tensor(videos) if videos else None,
+                                           second_per_grid_ts=torch.ones(len(videos)) if videos else None)
+    return position_ids[:, 0]  # [3, L]
+
+
+def test_grid_positions_equal_qwen_rope_index_of_the_pooled_grids():
+    # text 5, image 6 x 8, text 4, video of 3 temporal groups of 4 x 4, text 3, image 5 x 5, text 2
+    original = [("text", 5), ("image", (6, 8)), ("text", 4), ("video", (3, 4, 4)), ("text", 3), ("image", (5, 5)),
+                ("text", 2)]
+    positions = _qwen_rope_index(original)
+    poolings = [plan_grid((1, 6, 8), stride=2), plan_grid((3, 4, 4), stride=3), plan_grid((1, 5, 5), stride=2)]
+    starts = [5, 5 + 48 + 4, 5 + 48 + 4 + 48 + 3]
+    sources = [(s, s + p.shape[0] * p.shape[1] * p.shape[2], p) for s, p in zip(starts, poolings)]
+    pooled = [("text", 5), ("image", (3, 4)), ("text", 4), ("video", (3, 2, 2)), ("text", 3), ("image", (3, 3)),
+              ("text", 2)]
+    assert torch.equal(grid_positions(positions, sources), _qwen_rope_index(pooled))
+    # temporal pooling: a pooled group takes its window's first group's time (a video sampled at 1/t_stride)
+    video = _qwen_rope_index([("text", 3), ("video", (5, 2, 2)), ("text", 2)])
+    got = grid_positions(video, [(3, 23, plan_grid((5, 2, 2), stride=1, t_stride=2))])
+    times = video[0, 3:23:4][[0, 2, 4]]  # groups 0, 2, 4 start the windows
+    assert got[0, 3:15].tolist() == times.repeat_interleave(4).tolist()
+    assert got[:, 15:].tolist() == [[5, 6]] * 3  # 3 + max(2, 2): the spatial extent, as the stock rope index
+
+
+def test_settings_defaults_and_validation():
+    pool = Pool()
+    assert pool.position_rule("mrope") == "grid" and pool.plan((1, 24, 24)).out_shape == (1, 12, 12)
+    assert Pool(stride=3).plan((1, 24, 24)).num_out == 64
+    bad = [({"budget": 0}, r"pool\.budget must be"), ({"budget": 64, "stride": 2}, "at most one of budget, stride"),
+           ({"stride": 0}, r"pool\.stride must be an integer >= 1"), ({"t_stride": 1.5}, r"pool\.t_stride"),
+           ({"mode": "median"}, r"pool\.mode must be one of \['avg', 'max', 'bilinear'\]"),
+           ({"positions": "keep"}, r"pool\.positions must be one of \['official', 'grid', 'mean'\]"),
+           ({"mode": "bilinear", "t_stride": 2}, r"pool\.t_stride must be 1 with mode='bilinear'")]
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=message):
+            Pool(**fields)
+    with pytest.raises(ValueError, match="needs the sample's token fraction"):
+        Pool(budget=0.5).plan((1, 4, 4))
