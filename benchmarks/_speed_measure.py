@@ -186,10 +186,8 @@ class LayerTimer:
         generator = torch.Generator(device=device).manual_seed(length)
         hidden = torch.randn(1, length, self.text.config.hidden_size, generator=generator, device=device,
                              dtype=self.dtype)
-        positions = torch.arange(length, device=device)[None]  # [1, L]
-        if self.vlm.adapter.rope == "mrope":
-            positions = positions[None].expand(3, 1, -1)  # [3, 1, L]
-        return hidden, self.text.rotary_emb(hidden, positions)
+        positions = self.vlm.adapter.positions(None, 1, length, 0, device)  # [1, P, L] contiguous
+        return hidden, self.vlm.adapter.rotary(self.text, hidden, positions)
 
     def _median(self, kind: str, length: int, fn) -> float:
         key = (kind, length)

@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     vlm = tp.load_model("tiny_qwen25vl", weights="random", device="cpu",
-                        options={"nframes": args.frames, "min_pixels": 112 * 112, "max_pixels": 112 * 112})
+                        options={"video": {"nframes": args.frames, "min_pixels": 112 * 112, "max_pixels": 112 * 112}})
     vlm.model = vlm.adapter.build_random(tiny_qwen25vl_config(**{**TRAINED_QWEN, "layers": args.layers}),
                                          torch.float32, "sdpa", seed=0).eval()
     shape = DecoderShape.from_config(vlm.adapter.text_config(vlm.model))

@@ -205,7 +205,7 @@ def measure_group(vlm, args, prompt, names: list[str], timer: LayerTimer, log) -
 
     def run(method, method_name, label, variant="tokenprune", budget=None, fields=None, around=None, decode=True):
         row = base_row(vlm.name, prompt, method_name, label, variant, budget, fields or {})
-        row["intra_llm"] = method.uses_select or method.uses_layer_plan
+        row["intra_llm"] = method.uses_prune_layers or method.uses_layer_plan
         group.append(measure_row(vlm, args, prompt, inputs, method, row, around, decode))
         result = f"{row['prefill_ms']:9.2f} ms" if row["status"] == "ok" else row["reason"]
         log(f"{vlm.name} N={prompt.visual} {prompt.kind:5s} {label:60s} {result}  ({row['wall_s']:.1f} s)")

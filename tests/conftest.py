@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of both families (fp32, CPU), deterministic samples."""
+"""Shared fixtures: tiny random models of every registered family (fp32, CPU), deterministic samples."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import tokenprune as tp  # noqa: E402
-from tokenprune.models.zoo import tiny  # noqa: E402
 
-FAMILIES = ["tiny_llava", "tiny_qwen25vl"]
+# One tiny test architecture per registered model family (``ModelAdapter.tiny_config`` / ``tiny_processor``),
+# named by the family's tiny model: family-parametrised tests take their list from the registry.
+TEST_ARCHITECTURES = {adapter.tiny_model: adapter for adapter in tp.models.adapters()}
+FAMILIES = sorted(TEST_ARCHITECTURES)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,19 +49,12 @@ def make_sample(seed: int = 0, question: str = "what colour is the square at the
     return tp.Sample(id=str(seed), question=question, images=[make_image(seed, size)])
 
 
-# Small test architectures (36 visual tokens per image): far faster than the trained tiny models' shapes.
-TEST_ARCHITECTURES = {
-    "tiny_llava": (tiny.tiny_llava_config, tiny.tiny_llava_processor),
-    "tiny_qwen25vl": (tiny.tiny_qwen25vl_config, tiny.tiny_qwen25vl_processor),
-}
-
-
 @lru_cache(maxsize=None)
 def _load(name: str, attn: str, layers: int):
-    config_builder, processor_builder = TEST_ARCHITECTURES[name]
-    adapter = tp.models.adapter_named(tp.models.model_spec(name).family)
-    model = adapter.build_random(config_builder(layers=layers), torch.float32, attn, seed=0).eval()
-    vlm = tp.models.VLM(name=name, model=model, processor=processor_builder(), adapter=adapter)
+    """The family's small test architecture (36 visual tokens per image): far faster than the trained tiny models'."""
+    adapter = TEST_ARCHITECTURES[name]
+    model = adapter.build_random(adapter.tiny_config(layers=layers), torch.float32, attn, seed=0).eval()
+    vlm = tp.models.VLM(name=name, model=model, processor=adapter.tiny_processor(), adapter=adapter)
     with torch.no_grad():  # transformers installs its output-capturing hooks on the first call
         vlm.model(**vlm.prepare(make_sample(0)))
     return vlm
@@ -73,27 +68,41 @@ def tiny_vlm(name: str, attn: str = "sdpa", layers: int = 6):
 SHARPEN = 16.0
 
 
+def sharpen_queries_and_keys(attention, factor: float = SHARPEN ** 0.5) -> None:
+    """Scale one attention layer's queries and keys by ``factor`` (so its scores by ``factor`` squared)."""
+    if hasattr(attention, "q_norm"):  # a norm after the projection would undo a scaled projection
+        modules = (attention.q_norm, attention.k_norm)
+    else:
+        modules = (attention.q_proj, attention.k_proj)
+    for module in modules:
+        module.weight.mul_(factor)
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(factor)
+
+
 @lru_cache(maxsize=None)
 def sharp_tiny_vlm(name: str, attn: str = "sdpa", layers: int = 6):
-    """``tiny_vlm``'s architecture and seed with every decoder layer's q/k projections scaled by 4 (scores x16).
+    """``tiny_vlm``'s architecture and seed with every decoder layer's queries and keys scaled by 4 (scores x16): the
+    q/k projections, or the per-head q/k norms where the layer normalises them after projecting (Qwen3).
 
     Random initialisation gives near-uniform attention, whose rankings mostly reflect how many rows can see a
     column (causality): "keep the earliest tokens" would pass a brute-force comparison. Sharper attention makes
     the rankings depend on content, so the comparison tells implementations apart.
     """
-    config_builder, processor_builder = TEST_ARCHITECTURES[name]
-    adapter = tp.models.adapter_named(tp.models.model_spec(name).family)
-    model = adapter.build_random(config_builder(layers=layers), torch.float32, attn, seed=0).eval()
+    adapter = TEST_ARCHITECTURES[name]
+    model = adapter.build_random(adapter.tiny_config(layers=layers), torch.float32, attn, seed=0).eval()
     with torch.no_grad():
         for layer in adapter.text_model(model).layers:
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                projection.weight.mul_(SHARPEN ** 0.5)
-                if projection.bias is not None:
-                    projection.bias.mul_(SHARPEN ** 0.5)
-    vlm = tp.models.VLM(name=name, model=model, processor=processor_builder(), adapter=adapter)
+            sharpen_queries_and_keys(layer.self_attn)
+    vlm = tp.models.VLM(name=name, model=model, processor=adapter.tiny_processor(), adapter=adapter)
     with torch.no_grad():
         vlm.model(**vlm.prepare(make_sample(0)))
     return vlm
+
+
+def takes_video(name: str) -> bool:
+    """Whether a test architecture's family takes video input."""
+    return TEST_ARCHITECTURES[name].video
 
 
 @pytest.fixture(params=FAMILIES)

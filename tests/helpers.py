@@ -46,6 +46,45 @@ def _placeholder_ids(vlm) -> list[int]:
     return [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
 
 
+def prompt_so_far(inputs: dict, sequences: torch.Tensor, step: int) -> dict:
+    """``inputs`` with the first ``step`` generated tokens of ``sequences`` appended (a no-cache forward of it
+    recomputes decoding step ``step``)."""
+    extended = dict(inputs)
+    extended["input_ids"] = sequences[:, : inputs["input_ids"].shape[1] + step]
+    extended["attention_mask"] = torch.ones_like(extended["input_ids"])
+    if "mm_token_type_ids" in extended:
+        extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+    return extended
+
+
+def stock_decoder_call(vlm, inputs) -> dict:
+    """What the stock outer model hands its text decoder: ``embeds`` ``[1, L, d]``, ``positions`` ``[1, P, L]``, and
+    ``side`` ``{layer: [1, L, d]}`` — the per-row inputs the stock loop adds between layers (Qwen3-VL's DeepStack
+    feature k is added after layer k, i.e. to the input of layer k + 1)."""
+    captured = {}
+    text_model = vlm.adapter.text_model(vlm.model)
+    handle = text_model.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            vlm.model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    embeds = captured["inputs_embeds"]
+    position_ids = captured.get("position_ids")
+    if position_ids is None:
+        positions = torch.arange(embeds.shape[1])[None, None]
+    elif position_ids.dim() == 3:
+        positions = position_ids[-3:].permute(1, 0, 2)
+    else:
+        positions = position_ids[:, None]
+    side = {}
+    for k, feature in enumerate(captured.get("deepstack_visual_embeds") or []):
+        full = torch.zeros_like(embeds)
+        full[captured["visual_pos_masks"]] = feature
+        side[k + 1] = full
+    return {"embeds": embeds, "positions": positions, "side": side}
+
+
 def eager_attentions(vlm, inputs, method: Method | None = None):
     """Stock eager attention maps (``[H, L_l, L_l]`` per layer), optionally under ``method``'s pruning."""
     import tokenprune as tp

@@ -4,7 +4,7 @@ convention matches a hand count."""
 import pytest
 
 from tokenprune.engine.flops import DecoderShape, all_conventions, layer_flops, paper_flops, prefill_flops
-from tokenprune.models.zoo.real import llava15_config
+from tokenprune.models.llava import llava15_config
 
 LLAVA7B = DecoderShape.from_config(llava15_config("7b").text_config)
 

@@ -5,7 +5,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
-from helpers import Replay, forced_choice, forced_generation
+from helpers import Replay, forced_choice, forced_generation, prompt_so_far
 from tokenprune.engine.compat import cache_kwargs, output_cache
 from tokenprune.engine.driver import PruningInputError
 
@@ -31,11 +31,7 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, name, f
     prompt_length = inputs["input_ids"].shape[1]
     replay = Replay(kept=report.kept)
     for step in range(NEW_TOKENS):
-        extended = dict(inputs)
-        extended["input_ids"] = out.sequences[:, : prompt_length + step]
-        extended["attention_mask"] = torch.ones_like(extended["input_ids"])
-        if "mm_token_type_ids" in extended:
-            extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+        extended = prompt_so_far(inputs, out.sequences, step)
         with torch.no_grad(), tp.apply(vlm.model, replay):
             recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]  # the whole pruned prefill again
         torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import tokenprune as tp
-from conftest import make_sample, tiny_vlm
+from conftest import FAMILIES, make_sample, tiny_vlm
 from tokenprune.run.measure import HostReads
 from tokenprune.run.runner import model_method_settings
 
-FAMILIES = ["tiny_llava", "tiny_qwen25vl"]
 CASES = [(name, {}) for name in tp.methods.available()] + [("layerskip", {"mlp": [3, 4], "attn": [3]})]
 
 

@@ -13,10 +13,9 @@ import yaml
 
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
-from helpers import forced_choice, forced_generation
+from helpers import forced_choice, forced_generation, prompt_so_far
 from tokenprune.engine.compat import output_cache
-from tokenprune.engine.flops import DecoderShape, layer_flops
-from tokenprune.engine.sublayers import planned_prefill_flops
+from tokenprune.engine.flops import DecoderShape, layer_flops, planned_prefill_flops
 from tokenprune.methods.layerskip import LayerSkip, SkipPolicy
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # float32: a matmul over a gathered subset of rows vs over all rows
@@ -89,8 +88,15 @@ def float64_text_attention(layer, call: LayerCall, text: torch.Tensor) -> torch.
         rotated = torch.cat([-t[..., half:], t[..., :half]], -1)
         return t * c + rotated * s
 
-    q = rope(project(attention.q_proj, x[text]).view(len(text), -1, hd).transpose(0, 1), cos[text], sin[text])
-    k = rope(project(attention.k_proj, x).view(x.shape[0], -1, hd).transpose(0, 1), cos, sin)
+    def head_norm(t, norm):  # t: [n, heads, hd]; a per-head RMSNorm before RoPE where the layer has one (Qwen3)
+        if norm is None:
+            return t
+        return norm.weight.double() * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+    q = project(attention.q_proj, x[text]).view(len(text), -1, hd)
+    k = project(attention.k_proj, x).view(x.shape[0], -1, hd)
+    q = rope(head_norm(q, getattr(attention, "q_norm", None)).transpose(0, 1), cos[text], sin[text])
+    k = rope(head_norm(k, getattr(attention, "k_norm", None)).transpose(0, 1), cos, sin)
     v = project(attention.v_proj, x).view(x.shape[0], -1, hd).transpose(0, 1)
     groups = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
@@ -258,12 +264,7 @@ def test_cached_generation_equals_teacher_forced_forwards(family):
         out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
         prompt = inputs["input_ids"].shape[1]
         for step in range(steps):
-            extended = dict(inputs)
-            extended["input_ids"] = out.sequences[:, : prompt + step]
-            extended["attention_mask"] = torch.ones_like(extended["input_ids"])
-            if "mm_token_type_ids" in extended:
-                extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
-            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
+            recomputed = vlm.model(**prompt_so_far(inputs, out.sequences, step), use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[step], recomputed, **FP32)
             assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt + step])
     stock = stock_logits(vlm, inputs)[:, -1]
@@ -439,7 +440,7 @@ def test_video_tokens_count_as_visual():
 
 
 def test_the_prefill_report_counts_only_the_computed_rows(family):
-    """``PrefillReport.flops_override`` (what the runner records) removes the skipped visual rows' work."""
+    """``PrefillReport.flops`` (what the runner records) removes the skipped visual rows' work."""
     from tokenprune.run.measure import token_metrics
 
     vlm = tiny_vlm(family)
@@ -454,8 +455,9 @@ def test_the_prefill_report_counts_only_the_computed_rows(family):
     report = session.last_report
     full = shape.layers * layer_flops(shape, layout.length)
     keys = int((layout.visual_rows() + 1).sum())
-    assert report.flops_override == full - 2 * n * 6 * d * d_ff - (n * 4 * d * d + 4 * d * keys)
-    assert token_metrics(vlm, layout, report)["flops"]["tokenprune"] == report.flops_override
+    assert report.flops(shape) == full - 2 * n * 6 * d * d_ff - (n * 4 * d * d + 4 * d * keys)
+    assert token_metrics(vlm, layout, report)["flops"]["tokenprune"] == report.flops(shape)
     with torch.no_grad(), tp.apply(vlm.model, "fastv", layer=2, keep_ratio=0.5) as session:
         vlm.model(**inputs)
-    assert session.last_report.flops_override is None  # no layer plan: the runner's own count stands
+    report = session.last_report  # no layer plan: the per-layer token counts alone
+    assert not report.layer_plans and report.flops(shape) == sum(layer_flops(shape, n) for n in report.layer_tokens)

@@ -1,5 +1,6 @@
 """Per-(model, method) settings (``conf/model_method/<model>_<method>.yaml``): every registered method's YAML
-defaults run on both 6-layer tiny models, as ``method=`` and as a ``run.compare`` entry; explicit fields win."""
+defaults run on every family's 6-layer tiny model, as ``method=`` and as a ``run.compare`` entry; explicit fields
+win."""
 
 import dataclasses
 from functools import lru_cache
@@ -13,7 +14,8 @@ import tokenprune as tp
 from tokenprune.models import available_models
 from tokenprune.run.runner import MODEL_METHOD_DIR, build_plan, model_method_settings
 
-TINY = ["tiny_llava", "tiny_qwen25vl"]
+TINY = sorted(adapter.tiny_model for adapter in tp.models.adapters())
+MODEL_CONF = Path(tp.__file__).parent / "conf" / "model"
 
 
 def plan(tmp_path: Path, *overrides: str):
@@ -24,7 +26,8 @@ def plan(tmp_path: Path, *overrides: str):
 
 @lru_cache(maxsize=None)
 def model_info(name: str):
-    return tp.load_model(name, device="cpu").info()
+    weights = yaml.safe_load((MODEL_CONF / f"{name}.yaml").read_text())["weights"]
+    return tp.load_model(name, device="cpu", weights=weights).info()
 
 
 def test_every_settings_file_names_a_model_and_a_method_and_only_their_fields():

@@ -14,8 +14,7 @@ import torch
 import tokenprune as tp
 from conftest import stock_logits, tiny_vlm
 from test_dpc_knn import reference_dpc_knn
-from tokenprune.engine.layout import TEXT, VIDEO, TokenLayout, VisualSpec
-from tokenprune.methods.base import VisualSequence
+from tokenprune.engine.contract import TEXT, VIDEO, DecoderInput, TokenLayout, VisualSpec
 from tokenprune.methods.prunevid import PART_META, SEGMENTS_META, keep_per_part, refine_segments
 
 VIDEO_ID, TEXT_ID = 99, 5
@@ -43,7 +42,7 @@ def video_sequence(x: torch.Tensor, rows: int, cols: int, before: int = 3, after
     embeds = torch.cat([torch.randn(before, C, generator=torch.Generator().manual_seed(7)),
                         x.reshape(T * N, C),
                         torch.randn(after, C, generator=torch.Generator().manual_seed(8))])[None]
-    return VisualSequence(embeds, positions, layout)
+    return DecoderInput(embeds, positions, layout)
 
 
 def scene(generator, N, C, static_cells, frames, wobble=0.01):
@@ -57,7 +56,7 @@ def scene(generator, N, C, static_cells, frames, wobble=0.01):
 # ----------------------------------------------------------------------------------------------------------
 # Reference stage 1 (loops, from the card)
 # ----------------------------------------------------------------------------------------------------------
-def reference_stage1(method, seq: VisualSequence):
+def reference_stage1(method, seq: DecoderInput):
     """Merged video tokens of a one-video sequence: (embeds [n, C] float64, positions [n][3], parts [n])."""
     layout = seq.layout
     rows = layout.visual_rows()
@@ -117,7 +116,7 @@ def reference_stage1(method, seq: VisualSequence):
     return (torch.stack([o[1] for o in out]), [o[2] for o in out], [o[3] for o in out], lengths)
 
 
-def merged_part(result: VisualSequence) -> torch.Tensor:
+def merged_part(result: DecoderInput) -> torch.Tensor:
     visual = result.layout.visual_rows()
     return result.layout.meta[PART_META][result.layout.original[visual]]
 
@@ -172,7 +171,7 @@ def test_small_groups_pass_through_in_raster_order_and_15_become_7():
     for rows, cols, expected in ((2, 7, 14), (3, 5, 7)):
         x = torch.randn(1, rows * cols, 16, generator=torch.Generator().manual_seed(rows))
         seq = video_sequence(x, rows, cols)
-        out = method.before_llm(seq)
+        out = seq.reduced(method.before_llm(seq))
         assert out.layout.num_visual == expected
         if expected == 14:  # one frame: no static tokens; 14 < min_cluster_tokens: unchanged, raster order
             assert torch.equal(out.embeds, seq.embeds) and torch.equal(out.positions, seq.positions)
@@ -183,7 +182,7 @@ def test_tau_above_one_and_cluster_ratio_one_return_the_input_unchanged():
     generator = torch.Generator().manual_seed(1)
     x = torch.cat([scene(generator, 20, 8, list(range(20)), 4), scene(generator, 20, 8, list(range(20)), 4)])
     seq = video_sequence(x, 4, 5)
-    out = tp.methods.create("prunevid", tau=1.01, cluster_ratio=1.0, stage2=False).before_llm(seq)
+    out = seq.reduced(tp.methods.create("prunevid", tau=1.01, cluster_ratio=1.0, stage2=False).before_llm(seq))
     assert torch.equal(out.embeds, seq.embeds)
     assert torch.equal(out.positions, seq.positions)
     for name in ("kind", "group", "cell", "original"):
@@ -199,7 +198,7 @@ def test_stage1_equals_the_loop_reference():
                    scene(generator, 20, 12, [3, 4, 8, 9, 13, 14, 18, 17, 19], 4, wobble=0.05)])
     seq = video_sequence(x, 4, 5)
     method = tp.methods.create("prunevid", stage2=False, min_cluster_tokens=10)
-    out = method.before_llm(seq)
+    out = seq.reduced(method.before_llm(seq))
     embeds, positions, parts, lengths = reference_stage1(method, seq)
     assert lengths == [4, 4] and out.layout.meta[SEGMENTS_META] == [[4, 4]]
     visual = out.layout.visual_rows()
@@ -221,7 +220,7 @@ def test_identical_frames_collapse_to_one_segment_of_static_tokens():
     x = torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(3)).expand(8, -1, -1).clone()
     seq = video_sequence(x, 4, 5, t_step=2)
     method = tp.methods.create("prunevid", stage2=False, cluster_ratio=1.0)
-    out = method.before_llm(seq)
+    out = seq.reduced(method.before_llm(seq))
     assert out.layout.meta[SEGMENTS_META] == [[8]]
     assert out.stats["prunevid_static_fraction"] == 1.0
     assert out.layout.num_visual == 20  # one static token per cell, no dynamic tokens
@@ -234,7 +233,7 @@ def test_identical_frames_collapse_to_one_segment_of_static_tokens():
     # an odd step: t ids 3 + 3k -> mean 13.5 -> 14 (round half to even); 4 frames -> 3 + 3 * 1.5 = 7.5 -> 8
     for frames, t_step, expected in ((8, 3, 14), (4, 3, 8), (6, 1, 6)):
         seq = video_sequence(x[:frames], 4, 5, t_step=t_step)
-        out = method.before_llm(seq)
+        out = seq.reduced(method.before_llm(seq))
         assert out.positions[0, 0, out.layout.visual_rows()].unique().tolist() == [expected], (frames, t_step)
 
 
@@ -243,7 +242,8 @@ def test_hard_cut_gives_two_segments_at_the_cut():
     a, b = torch.randn(1, 20, 8, generator=generator), torch.randn(1, 20, 8, generator=generator)
     for cut in (2, 3, 5):
         x = torch.cat([a.expand(cut, -1, -1), b.expand(8 - cut, -1, -1)])
-        out = tp.methods.create("prunevid", stage2=False).before_llm(video_sequence(x, 4, 5))
+        seq = video_sequence(x, 4, 5)
+        out = seq.reduced(tp.methods.create("prunevid", stage2=False).before_llm(seq))
         assert out.layout.meta[SEGMENTS_META] == [[cut, 8 - cut]]
         assert out.stats["prunevid_segments"] == 2 and out.stats["prunevid_static_fraction"] == 1.0
 
@@ -254,7 +254,7 @@ def test_merged_positions_are_rounded_member_means_on_a_known_clustering():
     x[0, [c for c in range(16) if c % 4 < 2], 0] = 5.0
     x[0, [c for c in range(16) if c % 4 >= 2], 1] = 5.0
     seq = video_sequence(x, 4, 4, before=2)
-    out = tp.methods.create("prunevid", stage2=False, cluster_ratio=0.125).before_llm(seq)  # int(16/8) = 2
+    out = seq.reduced(tp.methods.create("prunevid", stage2=False, cluster_ratio=0.125).before_llm(seq))  # int(16/8) = 2
     visual = out.layout.visual_rows()
     assert visual.numel() == 2
     # left cluster: rows 0-3 (h = 2 + 0..3, mean 3.5 -> 4), columns 0-1 (w = 2 + 0..1, mean 2.5 -> 2); t = 2

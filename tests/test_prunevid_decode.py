@@ -12,8 +12,8 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, tiny_vlm
-from helpers import eager_attentions
-from tokenprune.methods.base import VisualSequence
+from helpers import eager_attentions, stock_decoder_call
+from tokenprune.engine.contract import DecoderInput
 from tokenprune.engine.compat import cache_kwargs, output_cache
 
 NEW_TOKENS = 5
@@ -30,27 +30,8 @@ def video_inputs(vlm, frames=8, fps=4.0, seed=0, size=112):
 
 def stock_decoder_inputs(vlm, inputs):
     """What the stock outer model hands its text decoder: embeddings ``[1, L, d]`` and positions ``[1, P, L]``."""
-    captured = {}
-
-    def spy(module, args, kwargs):
-        captured.update(kwargs)
-
-    text_model = vlm.adapter.text_model(vlm.model)
-    handle = text_model.register_forward_pre_hook(spy, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            vlm.model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    embeds = captured["inputs_embeds"]
-    position_ids = captured.get("position_ids")
-    if position_ids is None:
-        positions = torch.arange(embeds.shape[1])[None, None]
-    elif position_ids.dim() == 3:
-        positions = position_ids[-3:].permute(1, 0, 2)
-    else:
-        positions = position_ids[:, None]
-    return embeds, positions
+    call = stock_decoder_call(vlm, inputs)
+    return call["embeds"], call["positions"]
 
 
 def rotary(vlm, hidden, positions):
@@ -97,8 +78,8 @@ def reference_kept(vlm, method, hidden, positions, layout):
 def stage1_sequence(vlm, inputs, method):
     """The stock decoder inputs, and the sequence after ``method``'s stage 1 (unchanged without stage 1)."""
     embeds, positions = stock_decoder_inputs(vlm, inputs)
-    seq = VisualSequence(embeds, positions, inputs.layout)
-    return positions, (method.before_llm(seq) if method.stage1 else seq)
+    seq = DecoderInput(embeds, positions, inputs.layout)
+    return positions, (seq.reduced(method.before_llm(seq)) if method.stage1 else seq)
 
 
 def two_phase_reference(vlm, method, positions, seq, generated):
@@ -240,7 +221,8 @@ def test_caches_pruned_after_an_earlier_plain_selection_hold_the_right_rows():
 def _stage1_layout(vlm, inputs):
     embeds, positions = stock_decoder_inputs(vlm, inputs)
     stage1 = tp.methods.create("prunevid", stage2=False)
-    return stage1.before_llm(VisualSequence(embeds, positions, inputs.layout)).layout
+    seq = DecoderInput(embeds, positions, inputs.layout)
+    return seq.reduced(stage1.before_llm(seq)).layout
 
 
 def test_stage2_keep_counts_and_text_survives():

@@ -15,7 +15,7 @@ import torch
 import tokenprune as tp
 from conftest import tiny_vlm
 from tokenprune.data.synthetic import SyntheticVideoQA
-from tokenprune.engine.layout import VIDEO
+from tokenprune.engine.contract import VIDEO
 from tokenprune.models import ModelInputError
 from tokenprune.models.qwen25vl import Qwen25VLAdapter, check_video_options
 
@@ -32,7 +32,7 @@ def clip(tmp_path_factory):
 
 
 def prepare(vlm, sample, **options):
-    vlm_options, vlm.options = vlm.options, options
+    vlm_options, vlm.options = vlm.options, {"video": options}
     try:
         return vlm.prepare(sample)
     finally:

@@ -8,10 +8,10 @@
 """
 
 from . import methods, models
+from .api import apply
 from .data import Sample, VideoFrames
-from .engine.apply import apply
-from .engine.driver import PrefillReport
-from .engine.layout import TokenLayout
+from .engine.contract import TokenLayout
+from .engine.report import PrefillReport
 from .models import load_model
 
 __version__ = "0.1.0"

@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 
 from ..data.sample import Sample
 from ..engine.apply import apply
-from ..engine.flops import DecoderShape, layer_flops
-from ..engine.layout import TokenLayout
-from ..engine.sublayers import planned_layer_flops
+from ..engine.contract import TokenLayout
+from ..engine.flops import layer_flops, planned_layer_flops
 from ..methods.base import LayerPlan
 from ..methods.layerskip import OPS, LayerSkip, SkipPolicy
 
@@ -205,7 +204,7 @@ class Calibration:
     # -- costs -------------------------------------------------------------------------------------------
     def flops_costs(self) -> tuple[float, float]:
         """(cost_mlp, cost_attn) = (1, FLOPs saved by one attention skip / by one MLP skip) over these prompts."""
-        shape = DecoderShape.from_config(self.vlm.adapter.text_config(self.vlm.model))
+        shape = self.vlm.adapter.decoder_shape(self.vlm.adapter.text_config(self.vlm.model))
         saved_mlp = saved_attn = 0.0
         for item in self.items:
             full = layer_flops(shape, item.layout.length)
@@ -452,7 +451,7 @@ def run_from_config(cfg) -> tuple[SearchResult, Path]:
 
     from ..data import create_dataset
     from ..data.base import dataset_class
-    from ..models import load_model
+    from ..models import load_model, model_options
 
     if OmegaConf.is_missing(cfg, "budget"):
         raise ValueError("budget is required: the cost at which the search stops, e.g. budget=9 "
@@ -480,11 +479,9 @@ def run_from_config(cfg) -> tuple[SearchResult, Path]:
 
     model = config["model"]
     torch.manual_seed(config["seed"])
-    video = model.get("video") or {}
     vlm = load_model(model["name"], path=model.get("path"), weights=model.get("weights", "pretrained"),
                      dtype=model.get("dtype", "float32"), device=model.get("device", "auto"),
-                     attn_implementation=model.get("attn_implementation", "sdpa"),
-                     options={key: value for key, value in video.items() if value is not None})
+                     attn_implementation=model.get("attn_implementation", "sdpa"), options=model_options(model))
     if settings.min_layer >= vlm.info().num_layers:  # before the calibration answers are computed
         raise ValueError(f"min_layer={settings.min_layer} is out of range: the model has {vlm.info().num_layers} "
                          f"decoder layers (valid 0..{vlm.info().num_layers - 1})")

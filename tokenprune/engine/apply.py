@@ -1,12 +1,16 @@
-"""``tokenprune.apply(model, method)``: patch a stock model for the duration of a block, always restoring it."""
+"""``apply(model, method)``: patch a stock model for the duration of a block, always restoring it.
+
+The user-facing ``tokenprune.apply`` also takes a registered method name and fields (``tokenprune/api.py``).
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..methods.base import Method, create
-from .driver import Driver, PrefillReport
+from .driver import Driver
+from .family import family_for
+from .report import PrefillReport
 
 INSTALLED_ATTRIBUTE = "_tokenprune_driver"
 
@@ -15,7 +19,7 @@ INSTALLED_ATTRIBUTE = "_tokenprune_driver"
 class Session:
     """Handle yielded by ``apply``: the method and what its last prefill did."""
 
-    method: Method
+    method: object
     driver: Driver | None
 
     @property
@@ -28,29 +32,26 @@ class Session:
 
 
 @contextmanager
-def apply(model, method: Method | str = "baseline", **fields):
-    """Apply ``method`` (an instance, or a registered name plus fields) inside ``model``'s text decoder.
+def apply(model, method):
+    """Apply ``method`` (a ``tokenprune.methods.Method``) inside ``model``'s text decoder.
 
-    A method that needs no hook (``baseline``) installs nothing: the stock forward runs. Otherwise the driver's
-    hooks are installed and removed on exit, also when the block raises. The method's fields are checked
-    against the model (layer indices, RoPE kind) before any model work.
+    ``model``: a stock model of a registered family, or a loaded ``VLM`` (its ``.model``). A method that needs no
+    hook (``baseline``) installs nothing: the stock forward runs. Otherwise the driver's hooks are installed and
+    removed on exit, also when the block raises. The method's fields are checked against the model (layer
+    indices, capabilities) before any model work.
     """
-    from ..models.base import VLM, adapter_for
+    import torch
 
-    if isinstance(model, VLM):
-        model = model.model
-    if isinstance(method, str):
-        method = create(method, **fields)
-    elif fields:
-        raise TypeError("pass fields only together with a method name")
-    adapter = adapter_for(model)
-    method.validate(adapter.model_info(model))
+    if not isinstance(model, torch.nn.Module) and isinstance(getattr(model, "model", None), torch.nn.Module):
+        model = model.model  # a loaded VLM
+    family = family_for(model)
+    method.validate(family.model_info(model))
     if getattr(model, INSTALLED_ATTRIBUTE, None) is not None:
         raise RuntimeError("a tokenprune method is already applied to this model; nest Compose([...]) instead")
     if method.is_noop:
         yield Session(method, None)
         return
-    driver = Driver(model, adapter, method)
+    driver = Driver(model, family, method)
     setattr(model, INSTALLED_ATTRIBUTE, driver)
     try:
         driver.install()

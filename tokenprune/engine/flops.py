@@ -3,8 +3,8 @@
 Two families of conventions, both reported so that paper tables can be reproduced:
 
 * ``tokenprune``: every decoder token; q/k/v/o projections with GQA, causal attention scores and values
-  (query i sees i + 1 keys), gated MLP (three matrices); a multiply-add counts 2 FLOPs; decoder layers only
-  (no embedding, final norm or LM head).
+  (query i sees i + 1 keys), gated MLP (three matrices; MoE: the top-k experts' plus the router); a multiply-add
+  counts 2 FLOPs; decoder layers only (no embedding, final norm or LM head).
 * paper conventions, per layer ``4 n d^2 + 2 n^2 d + c n d m`` (MHA projections, full n x n attention):
   ``fastv`` (c = 2, n = all prompt tokens, FastV paper Sec. 4.2), ``pdrop`` (c = 3, n = image tokens
   only, PyramidDrop paper Sec. 4.1) and ``himap`` (c = 2, n = image tokens only, HiMAP's reconstruction).
@@ -13,7 +13,10 @@ Two families of conventions, both reported so that paper tables can be reproduce
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .contract import LayerPlan, TokenLayout
 
 PAPER_CONVENTIONS = {
     # name: (FFN matrices c, counts image tokens only)
@@ -31,6 +34,7 @@ class DecoderShape:
     kv_heads: int
     head_dim: int
     layers: int
+    router: int = 0  # MoE: experts scored per token (intermediate = top-k x expert width)
 
     @classmethod
     def from_config(cls, text_config) -> "DecoderShape":
@@ -66,7 +70,7 @@ def layer_flops(shape: DecoderShape, tokens: int, attention_query_rows: int | No
     kv_projection = 2 * tokens * shape.hidden * 2 * kv_width
     q_o_projection = 2 * query_rows * shape.hidden * 2 * q_width
     attention = 4 * q_width * key_sum  # scores + weighted values
-    mlp = 2 * mlp_rows * shape.hidden * shape.intermediate * 3
+    mlp = 2 * mlp_rows * shape.hidden * (shape.intermediate * 3 + shape.router)
     return float(kv_projection + q_o_projection + attention + mlp)
 
 
@@ -75,6 +79,37 @@ def prefill_flops(shape: DecoderShape, layer_tokens: Sequence[int]) -> float:
     if len(layer_tokens) != shape.layers:
         raise ValueError(f"need one token count per decoder layer ({shape.layers}), got {len(layer_tokens)}")
     return sum(layer_flops(shape, n) for n in layer_tokens)
+
+
+def planned_layer_flops(shape: DecoderShape, layout: "TokenLayout", plan: "LayerPlan | None" = None) -> float:
+    """tokenprune FLOPs of one prefill layer over ``layout`` under ``plan`` (None: the full layer).
+
+    An attention skip removes the visual rows' q/o projections and their causal scores (row i sees i + 1 keys);
+    keys and values stay. An MLP skip removes the visual rows' MLP.
+    """
+    tokens = layout.length
+    if plan is None or plan.is_identity:
+        return layer_flops(shape, tokens)
+    text = layout.text_rows()
+    query_rows = text.numel() if plan.skip_attn else tokens
+    key_sum = int((text + 1).sum()) if plan.skip_attn else causal_key_sum(tokens)
+    mlp_rows = text.numel() if plan.skip_mlp else tokens
+    return layer_flops(shape, tokens, attention_query_rows=query_rows, attention_key_sum=key_sum, mlp_rows=mlp_rows)
+
+
+def planned_prefill_flops(shape: DecoderShape, layout: "TokenLayout", plans: Mapping[int, object]) -> float:
+    """tokenprune prefill FLOPs of a decoder whose layer l runs under ``plans.get(l)`` (no token pruning)."""
+    return sum(planned_layer_flops(shape, layout, plans.get(layer)) for layer in range(shape.layers))
+
+
+def report_flops(shape: DecoderShape, layer_tokens: Sequence[int], planned: Mapping[int, tuple] | None = None) -> float:
+    """tokenprune prefill FLOPs from a prefill report's per-layer token counts and the layer plans that ran
+    (``planned``: ``{layer: (layout entering it, LayerPlan)}``)."""
+    if len(layer_tokens) != shape.layers:
+        raise ValueError(f"need one token count per decoder layer ({shape.layers}), got {len(layer_tokens)}")
+    planned = planned or {}
+    return sum(planned_layer_flops(shape, *planned[layer]) if layer in planned else layer_flops(shape, n)
+               for layer, n in enumerate(layer_tokens))
 
 
 def paper_layer_flops(n: float, hidden: int, intermediate: int, ffn_matrices: int) -> float:

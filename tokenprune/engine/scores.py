@@ -4,66 +4,34 @@ No eager attention and no full attention map: for ``n_q`` query rows and ``L`` k
 ``O(n_q * L)`` per head, processed in query chunks so that a very long prompt with many query rows (HiMAP
 stage 2 on a long video) stays within a fixed memory budget. The main forward keeps SDPA / flash attention.
 
-Conventions (those of the stock eager attention): scores ``q k^T * head_dim**-0.5``, rotary embedding applied
-to q and k with the cos/sin of the rows' positions, GQA keys shared by ``num_heads // num_kv_heads`` query
+Conventions (those of the stock eager attention): queries and keys from the family's ``AttentionMath`` (so q/k
+norms apply where the stock attention has them), scores ``q k^T * scaling``, rotary embedding applied to q and k
+with the cos/sin of the rows' positions, GQA keys shared by ``num_heads // num_kv_heads`` query
 heads, softmax in float32 over every key the query may see (causal: keys at rows ``<=`` the query row).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from .attention import AttentionMath
 
 # Largest float32 score block materialised at once (bytes); chunks of query rows are sized to fit.
 SCORE_CHUNK_BYTES = 256 * 2**20
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def project_queries(math: AttentionMath, hidden: torch.Tensor, rows: torch.Tensor, cos, sin, rope: bool) -> torch.Tensor:
+    """Queries of ``rows`` from the layer's own input norm and query projection (the family's attention math).
+    ``hidden``: ``[B, L, d]``; ``cos``/``sin``: ``[B, L, hd]`` → ``[B, H, n_q, hd]``."""
+    q = math.queries(math.norm(hidden[:, rows]))
+    return math.rope(q, cos[:, rows], sin[:, rows]) if rope else q
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x``: ``[B, heads, n, head_dim]``; ``cos``/``sin``: ``[B, n, head_dim]`` (the decoder's own tables)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-@dataclass(frozen=True)
-class AttentionGeometry:
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scaling: float
-
-    @classmethod
-    def of(cls, attention_module) -> "AttentionGeometry":
-        config = attention_module.config
-        num_heads = config.num_attention_heads
-        head_dim = getattr(attention_module, "head_dim", None) or config.hidden_size // num_heads
-        return cls(num_heads, config.num_key_value_heads, head_dim, float(attention_module.scaling))
-
-
-def project_queries(layer, hidden: torch.Tensor, rows: torch.Tensor, cos, sin, rope: bool) -> torch.Tensor:
-    """Queries of ``rows`` from the layer's own norm + q_proj. ``hidden``: ``[B, L, d]`` → ``[B, H, n_q, hd]``."""
-    attention = layer.self_attn
-    geometry = AttentionGeometry.of(attention)
-    x = layer.input_layernorm(hidden[:, rows])  # [B, n_q, d]
-    q = attention.q_proj(x).view(x.shape[0], x.shape[1], geometry.num_heads, geometry.head_dim).transpose(1, 2)
-    if rope:
-        q = apply_rope(q, cos[:, rows], sin[:, rows])
-    return q
-
-
-def project_keys(layer, hidden: torch.Tensor, cos, sin, rope: bool) -> torch.Tensor:
-    """Keys of every row from the layer's own norm + k_proj. ``hidden``: ``[B, L, d]`` → ``[B, KVH, L, hd]``."""
-    attention = layer.self_attn
-    geometry = AttentionGeometry.of(attention)
-    x = layer.input_layernorm(hidden)
-    k = attention.k_proj(x).view(x.shape[0], x.shape[1], geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
-    if rope:
-        k = apply_rope(k, cos, sin)
-    return k
+def project_keys(math: AttentionMath, hidden: torch.Tensor, cos, sin, rope: bool) -> torch.Tensor:
+    """Keys of every row from the layer's own input norm and key projection. ``hidden``: ``[B, L, d]`` →
+    ``[B, KVH, L, hd]``."""
+    k = math.keys(math.norm(hidden))
+    return math.rope(k, cos, sin) if rope else k
 
 
 def attention_probabilities(

@@ -15,15 +15,14 @@ visual, so every sample gets its own exact result (left-padded batches included:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
+from .attention import AttentionMath
 from .compat import cache_argument, set_cache_argument
-from .flops import DecoderShape, causal_key_sum, layer_flops
-from .layout import TokenLayout
-from .scores import apply_rope
+from .contract import TokenLayout
+from .flops import planned_layer_flops, planned_prefill_flops  # noqa: F401  (their former home)
 
 
 @dataclass
@@ -55,19 +54,22 @@ class PlanRows:
         return output.index_copy_(1, self.compute, computed)
 
 
-def run_planned_layer(layer, plan, layouts, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
-                      past_key_values=None, position_ids=None, use_cache=False, **kwargs) -> torch.Tensor:
-    """``hidden_states``: ``[B, L, d]`` → ``[B, L, d]``, a Llama / Qwen2 / Qwen2.5-VL decoder layer under ``plan``."""
+def run_planned_layer(math: AttentionMath, plan, layouts, hidden_states: torch.Tensor, attention_mask=None,
+                      position_embeddings=None, past_key_values=None, position_ids=None, use_cache=False,
+                      **kwargs) -> torch.Tensor:
+    """``hidden_states``: ``[B, L, d]`` → ``[B, L, d]``: the decoder layer of ``math`` under ``plan`` (a pre-norm
+    layer: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``)."""
+    layer = math.layer
     if plan.skip_attn and kwargs.get("output_attentions"):
         raise ValueError(f"output_attentions=True cannot be combined with an attention skip (layer "
-                         f"{layer.self_attn.layer_idx}): visual rows have no attention map there")
+                         f"{math.layer_index}): visual rows have no attention map there")
     past_key_values = cache_argument({"past_key_values": past_key_values, "cache": kwargs.pop("cache", None)})
     rows = PlanRows.of(layouts)
     residual = hidden_states
     normed = layer.input_layernorm(hidden_states)
 
     if plan.skip_attn:
-        attention_rows = text_query_attention(layer.self_attn, normed, rows.compute, position_embeddings,
+        attention_rows = text_query_attention(math, normed, rows.compute, position_embeddings,
                                               past_key_values, attention_mask)  # [B, C, d]
         after_attention = rows.combine(residual, residual[:, rows.compute] + attention_rows, plan.attn_scale)
     else:
@@ -85,7 +87,7 @@ def run_planned_layer(layer, plan, layouts, hidden_states: torch.Tensor, attenti
     return after_attention + layer.mlp(layer.post_attention_layernorm(after_attention))
 
 
-def text_query_attention(attention, normed: torch.Tensor, query_rows: torch.Tensor, position_embeddings,
+def text_query_attention(math: AttentionMath, normed: torch.Tensor, query_rows: torch.Tensor, position_embeddings,
                          past_key_values, attention_mask=None) -> torch.Tensor:
     """Self-attention output (after o_proj) for ``query_rows`` only; keys/values of every row are computed and cached.
 
@@ -93,24 +95,21 @@ def text_query_attention(attention, normed: torch.Tensor, query_rows: torch.Tens
     gives the layer (None: causal; 4-D ``[B, 1, L, L_kv]`` bool or additive; 2-D ``[B, L_kv]`` key padding).
     """
     batch, length, _ = normed.shape
-    head_dim = attention.head_dim
     n_q = query_rows.numel()
     cos, sin = position_embeddings  # [B or 1, L, hd]
-    queries = attention.q_proj(normed[:, query_rows]).view(batch, n_q, -1, head_dim).transpose(1, 2)  # [B, H, n_q, hd]
-    keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KVH, L, hd]
-    values = attention.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    queries = apply_rope(queries, cos[:, query_rows], sin[:, query_rows])
-    keys = apply_rope(keys, cos, sin)
+    queries = math.rope(math.queries(normed[:, query_rows]), cos[:, query_rows], sin[:, query_rows])  # [B, H, n_q, hd]
+    keys = math.rope(math.keys(normed), cos, sin)  # [B, KVH, L, hd]
+    values = math.values(normed)
     if past_key_values is not None:
-        keys, values = past_key_values.update(keys, values, attention.layer_idx)
+        keys, values = past_key_values.update(keys, values, math.layer_index)
     kv_length = keys.shape[2]
     groups = queries.shape[1] // keys.shape[1]
     keys = _repeat_kv(keys, groups)  # [B, H, L_kv, hd]
     values = _repeat_kv(values, groups)
     mask = _query_mask(attention_mask, query_rows, kv_length - length, kv_length, normed.device)
-    output = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scaling)
+    output = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=math.scaling)
     output = output.transpose(1, 2).reshape(batch, n_q, -1)  # [B, n_q, H * hd]
-    return attention.o_proj(output)
+    return math.output(output)
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -131,32 +130,3 @@ def _query_mask(attention_mask, query_rows: torch.Tensor, offset: int, kv_length
     if attention_mask.dim() == 2:  # flash-attention style key padding mask, 1 = real token
         return causal[None, None] & attention_mask[:, None, None, -kv_length:].bool()
     raise ValueError(f"layer skip: unsupported attention_mask of shape {tuple(attention_mask.shape)}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# FLOPs of planned layers
-# ---------------------------------------------------------------------------------------------------------
-def planned_layer_flops(shape: DecoderShape, layout: TokenLayout, plan=None) -> float:
-    """tokenprune FLOPs of one prefill layer over ``layout`` under ``plan`` (None: the full layer).
-
-    An attention skip removes the visual rows' q/o projections and their causal scores (row i sees i + 1 keys);
-    keys and values stay. An MLP skip removes the visual rows' MLP.
-    """
-    tokens = layout.length
-    if plan is None or plan.is_identity:
-        return layer_flops(shape, tokens)
-    text = layout.text_rows()
-    query_rows = text.numel() if plan.skip_attn else tokens
-    key_sum = int((text + 1).sum()) if plan.skip_attn else causal_key_sum(tokens)
-    mlp_rows = text.numel() if plan.skip_mlp else tokens
-    return layer_flops(shape, tokens, attention_query_rows=query_rows, attention_key_sum=key_sum, mlp_rows=mlp_rows)
-
-
-def skipped_flops(shape: DecoderShape, layout: TokenLayout, plan) -> float:
-    """FLOPs that ``plan`` does not compute in a prefill layer over ``layout`` (0 for None / identity plans)."""
-    return layer_flops(shape, layout.length) - planned_layer_flops(shape, layout, plan)
-
-
-def planned_prefill_flops(shape: DecoderShape, layout: TokenLayout, plans: Mapping[int, object]) -> float:
-    """tokenprune prefill FLOPs of a decoder whose layer l runs under ``plans.get(l)`` (no token pruning)."""
-    return sum(planned_layer_flops(shape, layout, plans.get(layer)) for layer in range(shape.layers))

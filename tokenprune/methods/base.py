@@ -2,15 +2,16 @@
 
 A method is a dataclass. It overrides only the hooks it needs; the engine calls them:
 
-* ``before_llm(seq) -> seq``: merge or drop visual embeddings before the first decoder layer (positions follow).
-* ``prune_layers(layout) -> list[int]`` + ``select(step) -> Selection``: at the input of each listed layer,
-  keep a subset of the current tokens (prefill only; the KV caches of that layer and later ones hold only
-  the survivors).
+* ``before_llm(seq: DecoderInput) -> Reduction | None``: merge or drop rows of the sequence entering the first
+  decoder layer (positions, layout entries and side inputs follow by the reduction's rules).
+* ``prune_layers(layout) -> list[int]`` + ``select(step: PrefillStep) -> Reduction``: at the input of each listed
+  layer, keep a subset of the current rows, optionally with merged rows (prefill only; the KV caches of that layer
+  and later ones hold only the new rows).
 * ``layer_plan(layer, layout) -> LayerPlan | None``: per-layer compute for visual rows (skip the attention
   and/or the MLP, with a scalar), prefill only.
 
-Methods keep no state across calls: whatever a call needs lives in the engine's per-call state, which is
-dropped with the call's KV cache.
+The types come from the engine's contract (``tokenprune/engine/contract.py``). Methods keep no state across
+calls: whatever a call needs lives in the engine's per-call state, which is dropped with the call's KV cache.
 """
 
 from __future__ import annotations
@@ -18,129 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import torch
 
-from ..engine.layout import TokenLayout
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What the engine hands to hooks, and what hooks hand back
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class ModelInfo:
-    """What a method may check its fields against before any model work."""
-
-    num_layers: int
-    rope: str  # "1d" or "mrope"
-    hidden_size: int = 0
-    family: str = ""
-
-
-@dataclass
-class Selection:
-    """Rows of the current sequence that survive, ascending (``[L']`` int64).
-
-    ``prune_cache_before``: also drop the pruned rows from the KV caches of all earlier layers.
-    ``reindex_positions``: number the survivors' positions contiguously from here on (1-D RoPE only).
-    """
-
-    indices: torch.Tensor
-    prune_cache_before: bool = False
-    reindex_positions: bool = False
-
-
-@dataclass
-class LayerPlan:
-    """Per-layer compute for the visual rows (text rows always run the full layer)."""
-
-    skip_attn: bool = False
-    skip_mlp: bool = False
-    mlp_scale: float = 1.0  # visual rows: h <- mlp_scale * u when the MLP is skipped
-    attn_scale: float = 1.0  # visual rows: u <- attn_scale * h when the attention is skipped
-
-    @property
-    def is_identity(self) -> bool:
-        return not (self.skip_attn or self.skip_mlp)
-
-
-@dataclass
-class VisualSequence:
-    """The sequence entering the decoder, for ``before_llm`` (one sample).
-
-    ``embeds``: ``[1, L, d]``; ``positions``: ``[1, P, L]`` rotary positions (P = 1 for 1-D RoPE, 3 for
-    mRoPE); ``layout``: the sample's TokenLayout. A hook returns a new VisualSequence (any length).
-    """
-
-    embeds: torch.Tensor
-    positions: torch.Tensor
-    layout: TokenLayout
-    stats: dict = field(default_factory=dict)
-
-
-class LayerStep:
-    """What ``select`` sees at the input of one layer, for one sample.
-
-    ``hidden``: ``[1, L, d]`` the hidden states entering ``layer``; ``positions``: ``[1, P, L]``;
-    ``layout``: the current TokenLayout. ``attention(...)`` computes attention probabilities lazily from a
-    layer's own projections, for the needed query rows only (see ``engine/scores.py``).
-    """
-
-    def __init__(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, layout: TokenLayout,
-                 scorer: Callable[..., torch.Tensor], stats: dict):
-        self.layer = layer
-        self.hidden = hidden
-        self.positions = positions
-        self.layout = layout
-        self._scorer = scorer
-        self.stats = stats
-
-    def attention(self, layer: int | None = None, queries: str | torch.Tensor = "last", keys: str | torch.Tensor = "visual",
-                  rope: bool = True, causal: bool = True, heads: str = "mean", reduce: str | None = None) -> torch.Tensor:
-        """Attention probabilities of ``queries`` over ``keys`` in ``layer`` (``self.layer - 1`` or ``self.layer``).
-
-        queries: "last" | "text" (non-visual rows after the last visual row) | "visual" | "all" | row tensor.
-        keys: "visual" | "all" | column tensor — the softmax always runs over every key the query may see.
-        heads: "mean" | "max" | "none"; reduce over queries: None | "sum" | "mean" | "max".
-        Returns float32 ``[n_q, n_k]`` (or ``[n_k]`` when reduced, ``[H, n_q, n_k]`` for heads="none").
-        """
-        layer = self.layer if layer is None else layer
-        return self._scorer(layer=layer, queries=self.rows(queries), keys=self.columns(keys), rope=rope,
-                            causal=causal, heads=heads, reduce=reduce)
-
-    def rows(self, which: str | torch.Tensor) -> torch.Tensor:
-        if isinstance(which, torch.Tensor):
-            return which
-        device = self.layout.kind.device
-        if which == "last":
-            return torch.tensor([self.layout.length - 1], device=device)
-        if which == "text":
-            return self.layout.text_after_visual_rows()
-        if which == "visual":
-            return self.layout.visual_rows()
-        if which == "all":
-            return torch.arange(self.layout.length, device=device)
-        raise ValueError(f"queries must be 'last', 'text', 'visual', 'all' or a tensor of rows, got {which!r}")
-
-    def columns(self, which: str | torch.Tensor) -> torch.Tensor | None:
-        if isinstance(which, torch.Tensor):
-            return which
-        if which == "visual":
-            return self.layout.visual_rows()
-        if which == "all":
-            return None
-        raise ValueError(f"keys must be 'visual', 'all' or a tensor of columns, got {which!r}")
-
-    def keep_visual(self, visual_rows: torch.Tensor, **kwargs) -> Selection:
-        """Selection keeping every non-visual row plus ``visual_rows`` (current row indices)."""
-        keep = torch.zeros(self.layout.length, dtype=torch.bool, device=self.layout.kind.device)
-        keep[~self.layout.is_visual] = True
-        keep[visual_rows] = True
-        return Selection(keep.nonzero().flatten(), **kwargs)
+from ..engine.contract import (DecoderInput, LayerPlan, LayerStep, MergedRows, ModelInfo, PrefillStep,  # noqa: F401
+                               Reduction, Selection, TokenLayout, VisualSequence)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,13 +36,13 @@ class Method:
     name: str = "method"
 
     # -- hooks ------------------------------------------------------------------------------------------
-    def before_llm(self, seq: VisualSequence) -> VisualSequence:
-        return seq
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        return None
 
     def prune_layers(self, layout: TokenLayout) -> list[int]:
         return []
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         raise NotImplementedError(f"{type(self).__name__} lists prune layers but does not implement select()")
 
     def layer_plan(self, layer: int, layout: TokenLayout) -> LayerPlan | None:
@@ -170,7 +54,8 @@ class Method:
         return type(self).before_llm is not Method.before_llm
 
     @property
-    def uses_select(self) -> bool:
+    def uses_prune_layers(self) -> bool:
+        """True when the method lists prune layers (``prune_layers`` overridden); ``select`` runs there."""
         return type(self).prune_layers is not Method.prune_layers
 
     @property
@@ -179,7 +64,11 @@ class Method:
 
     @property
     def is_noop(self) -> bool:
-        return not (self.uses_before_llm or self.uses_select or self.uses_layer_plan)
+        return not (self.uses_before_llm or self.uses_prune_layers or self.uses_layer_plan)
+
+    def components(self) -> list["Method"]:
+        """The methods whose hooks the engine runs, in order: this one (a ``Compose``: its children)."""
+        return [self]
 
     def validate(self, model: ModelInfo) -> None:
         """Check fields that depend on the model (e.g. layer indices); raise ValueError naming the field."""
@@ -280,27 +169,25 @@ def topk_rows(scores: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
 class Compose(Method):
     """Run several methods' hooks in order: ``Compose([PruneVidStage1(...), PDrop(...)])``.
 
-    ``before_llm`` hooks chain; prune layers are the union (at a shared layer the selections apply in
-    order); the first non-empty layer plan wins.
+    The engine runs the children's ``before_llm`` reductions in order and, at a shared prune layer, their
+    selections in order (each sees the result of the previous one); prune layers are the union; the first
+    non-empty layer plan wins.
     """
 
     methods: list[Method] = field(default_factory=list)
     name = "compose"
 
-    def before_llm(self, seq: VisualSequence) -> VisualSequence:
-        for method in self.methods:
-            if method.uses_before_llm:
-                seq = method.before_llm(seq)
-        return seq
+    def components(self) -> list[Method]:
+        return list(self.methods)
+
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        raise RuntimeError("Compose.before_llm is resolved by the engine per child (see components())")
 
     def prune_layers(self, layout: TokenLayout) -> list[int]:
-        return sorted({layer for m in self.methods if m.uses_select for layer in m.prune_layers(layout)})
+        return sorted({layer for m in self.methods if m.uses_prune_layers for layer in m.prune_layers(layout)})
 
-    def select(self, step: LayerStep) -> Selection:
-        raise RuntimeError("Compose.select is resolved by the engine per child (see selections_at)")
-
-    def selectors_at(self, layer: int, layout: TokenLayout) -> list[Method]:
-        return [m for m in self.methods if m.uses_select and layer in m.prune_layers(layout)]
+    def select(self, step: PrefillStep) -> Reduction:
+        raise RuntimeError("Compose.select is resolved by the engine per child (see components())")
 
     def layer_plan(self, layer: int, layout: TokenLayout) -> LayerPlan | None:
         for method in self.methods:
@@ -315,8 +202,8 @@ class Compose(Method):
         return any(m.uses_before_llm for m in self.methods)
 
     @property
-    def uses_select(self) -> bool:
-        return any(m.uses_select for m in self.methods)
+    def uses_prune_layers(self) -> bool:
+        return any(m.uses_prune_layers for m in self.methods)
 
     @property
     def uses_layer_plan(self) -> bool:
@@ -328,10 +215,3 @@ class Compose(Method):
 
     def describe(self) -> dict[str, Any]:
         return {"method": "compose", "methods": [m.describe() for m in self.methods]}
-
-
-def selectors_at(method: Method, layer: int, layout: TokenLayout) -> list[Method]:
-    """The methods whose ``select`` runs at ``layer`` (one, or several inside a Compose)."""
-    if isinstance(method, Compose):
-        return method.selectors_at(layer, layout)
-    return [method] if layer in method.prune_layers(layout) else []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import (LayerStep, Method, ModelInfo, Selection, check_choice, check_layer, check_ratio, keep_count,
+from .base import (PrefillStep, Method, ModelInfo, Reduction, check_choice, check_layer, check_ratio, keep_count,
                    register, topk_rows)
 
 
@@ -45,7 +45,7 @@ class FastV(Method):
             return min(self.keep, num_visual)
         return keep_count(num_visual, self.keep_ratio, "round")
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         visual = step.layout.visual_rows()
         if self.query == "last":
             scores = step.attention(layer=self.layer - 1, queries="last", keys="visual")[0]  # [n_visual]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerStep, Method, ModelInfo, Selection, check_layer, check_ratio, keep_count, register, topk_rows
+from .base import PrefillStep, Method, ModelInfo, Reduction, check_layer, check_ratio, keep_count, register, topk_rows
 
 
 @register("himap")
@@ -51,7 +51,7 @@ class HiMAP(Method):
                              "attention of the text tokens after the last visual token, and there are none")
         return [self.text_layer, self.image_layer]
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         first_stage = step.layer == self.text_layer
         fraction = self.text_keep if first_stage else self.image_keep
         visual = step.layout.visual_rows()  # [n_visual] current rows

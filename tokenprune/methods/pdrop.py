@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import (LayerStep, Method, ModelInfo, Selection, check_choice, check_layer, check_ratio, keep_count,
+from .base import (PrefillStep, Method, ModelInfo, Reduction, check_choice, check_layer, check_ratio, keep_count,
                    register, topk_rows)
 
 
@@ -37,14 +37,14 @@ class PDrop(Method):
     def validate(self, model: ModelInfo) -> None:
         for i, layer in enumerate(self.layers):
             check_layer(self.name, f"layers[{i}]", layer, model)
-        if self.positions == "reindex" and model.rope != "1d":
+        if self.positions == "reindex" and not model.reindex_positions:
             raise ValueError("pdrop.positions='reindex' is defined for 1-D RoPE only (LLaVA); "
                              f"this model uses {model.rope}: use positions='keep'")
 
     def prune_layers(self, layout) -> list[int]:
         return list(self.layers)
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         stage = self.layers.index(step.layer)
         visual = step.layout.visual_rows()
         k = min(visual.numel(), keep_count(step.layout.original_num_visual, self.ratios[stage], "floor"))

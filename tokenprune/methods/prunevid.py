@@ -6,8 +6,10 @@ Card: ``shared/methods/prunevid.md``.
   the official run refinement); inside a segment a grid position whose tokens barely change over time
   (mean pairwise cosine similarity > ``tau``) is "static" and averaged over the segment's frames; static
   tokens (per segment) and dynamic tokens (per frame) are merged spatially by DPC-KNN into
-  ``int(n * cluster_ratio)`` cluster means when a group has at least ``min_cluster_tokens`` tokens. A merged
-  token gets the rounded mean 3-D position of its members (stock positions gathered, never recomputed).
+  ``int(n * cluster_ratio)`` cluster means when a group has at least ``min_cluster_tokens`` tokens. The merged
+  tokens are a ``Reduction`` with merged rows: each gets the rounded mean 3-D position of its members (stock
+  positions, never recomputed) and takes the place of its block's first frame (a segment's static tokens, then
+  each frame's dynamic tokens), so frames separated by timestamp text (Qwen3-VL) keep that text in between.
 * Stage 2 (``select`` after layer ``stage2_layer``): score the video tokens by the attention they receive from
   the text after the video (layer ``stage2_layer``'s pre-RoPE q/k, no causal mask, max over heads and
   queries: the official quirk), keep ``floor(stage2_keep * n)`` per part (static tokens of a segment, dynamic
@@ -24,10 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.dpc_knn import cluster_means, cluster_sums, dpc_knn
-from ..engine.driver import PruningInputError
-from ..engine.layout import TokenLayout
-from .base import LayerStep, Method, ModelInfo, Selection, VisualSequence, check_choice, check_ratio, register
+from ..engine.contract import DecoderInput, MergedRows, PruningInputError, Reduction, TokenLayout
+from ..engine.dpc_knn import cluster_means, dpc_knn
+from .base import Method, ModelInfo, PrefillStep, check_choice, check_ratio, register
 
 PART_META = "prunevid_part"  # layout.meta: [original_length] stage-2 part id per merged token's original row
 SEGMENTS_META = "prunevid_segments"  # layout.meta: segment lengths (temporal groups) per visual source
@@ -79,49 +80,51 @@ class PruneVid(Method):
     # ------------------------------------------------------------------------------------------------------
     # Stage 1: before the decoder
     # ------------------------------------------------------------------------------------------------------
-    def before_llm(self, seq: VisualSequence) -> VisualSequence:
-        """Replace each image / video by its merged tokens; text rows and their positions stay as they are."""
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        """Replace each image / video by its merged tokens (placed where its frames were); text rows stay."""
         if not self.stage1:
-            return seq
+            return None
         _refuse_second_sample(seq.stats, "prunevid_stage1_tokens")
         layout = seq.layout
-        embeds, positions = seq.embeds[0], seq.positions[0]  # [L, d], [P, L]
-        pieces, cursor, next_part = [], 0, 0
+        embeds = seq.embeds[0]  # [L, d]
+        device = embeds.device
+        merged_rows = torch.zeros(layout.length, dtype=torch.bool, device=device)
         blocks = []  # per image / video: its merged tokens
         totals = {"segments": 0, "static": 0, "cells": 0}
+        next_part, next_token = 0, 0
         for groups in _sources(layout):
             rows = torch.cat([layout.group_rows(g) for g in groups])  # [T * N] frame-major, raster order
-            first, stop = int(rows[0]), int(rows[-1]) + 1
-            if stop - first != rows.numel() or not bool((rows[1:] > rows[:-1]).all()):
-                raise ValueError("prunevid stage 1 needs each image / video as one contiguous run of tokens")
-            block = self._merge_source(embeds, positions, layout, rows, groups, next_part, totals)
-            pieces.append(_rows(embeds, positions, layout, cursor, first))
-            pieces.append(block)
+            block = self._merge_source(embeds, layout, rows, groups, next_part, totals)
+            block["into"] = block["into"] + next_token
+            merged_rows[rows] = True
             blocks.append(block)
             next_part = int(block["part"].max()) + 1
-            cursor = stop
-        pieces.append(_rows(embeds, positions, layout, cursor, layout.length))
+            next_token += block["values"].shape[0]
 
-        new = {key: torch.cat([piece[key] for piece in pieces], dim=-1 if key == "positions" else 0)
-               for key in ("embeds", "positions", "kind", "group", "cell", "original")}
-        part_of_original = torch.full((layout.original_length,), -1, dtype=torch.long, device=embeds.device)
-        for block in blocks:
-            part_of_original[block["original"]] = block["part"]
-        meta = dict(layout.meta)
-        meta[PART_META] = part_of_original
-        meta[SEGMENTS_META] = [block["segments"] for block in blocks]
-        new_layout = layout.with_rows(new["kind"], new["group"], new["cell"], new["original"], meta=meta)
+        def cat(key):
+            return torch.cat([block[key] for block in blocks])
 
-        visual_after = new_layout.num_visual
+        part_of_original = torch.full((layout.original_length,), -1, dtype=torch.long, device=device)
+        part_of_original[layout.original[cat("first_row")]] = cat("part")
+        merged = MergedRows(sources=cat("sources"), into=cat("into"), weights=cat("weights"), anchor=cat("anchor"),
+                            values=cat("values"), positions="mean")
+        visual_after = next_token
         seq.stats["prunevid_stage1_tokens"] = visual_after
         seq.stats["prunevid_segments"] = totals["segments"]
         seq.stats["prunevid_static_fraction"] = totals["static"] / max(1, totals["cells"])
         if not self.stage2:
             seq.stats["prunevid_stage2_tokens"] = visual_after
-        return VisualSequence(new["embeds"][None], new["positions"][None], new_layout, stats=seq.stats)
+        return Reduction(keep=(~merged_rows).nonzero().flatten(), merged=merged,
+                         meta={PART_META: part_of_original, SEGMENTS_META: [block["segments"] for block in blocks]})
 
-    def _merge_source(self, embeds, positions, layout: TokenLayout, rows, groups, part_offset: int, totals) -> dict:
-        """Stage 1 on one image / video: its ``T`` frames of ``N`` tokens → merged tokens in emission order."""
+    def _merge_source(self, embeds, layout: TokenLayout, rows, groups, part_offset: int, totals) -> dict:
+        """Stage 1 on one image / video: its ``T`` frames of ``N`` tokens → merged tokens in emission order.
+
+        Returns the merged tokens' values ``[n_out, d]`` (cluster means of the unit means), their members as
+        ``sources`` / ``into`` / ``weights`` (each original token of a cluster weighs 1 / its member count, so the
+        values are the plain means of the members), their anchors (the first row of the first frame of their block:
+        a segment's static tokens, then each frame's dynamic tokens, where those frames were), their first member
+        row, and their stage-2 part (the block)."""
         grid = layout.groups[groups[0]]
         T, N = len(groups), grid.size
         if rows.numel() != T * N or not torch.equal(layout.cell[rows].view(T, N),
@@ -129,7 +132,6 @@ class PruneVid(Method):
             raise ValueError("prunevid stage 1 needs complete frame grids (run it before any other reduction)")
         device = embeds.device
         x = embeds[rows].view(T, N, -1).float()  # [T, N, d]
-        pos = positions[:, rows].view(-1, T, N)  # [P, T, N]
 
         # 1. temporal segments: DPC-KNN over frame means + run refinement
         lengths = self.segments(x.mean(1))  # python list, sums to T
@@ -143,14 +145,10 @@ class PruneVid(Method):
 
         # 3. units to cluster: static (segment, cell) time-averaged; dynamic (frame, cell) as is
         segment_sum = torch.zeros(S, N, x.shape[-1], device=device).index_add_(0, segment_of_frame, x)
-        segment_pos = torch.zeros(S, *pos.shape[::2], dtype=torch.long, device=device)  # [S, P, N]
-        segment_pos.index_add_(0, segment_of_frame, pos.permute(1, 0, 2))
         unit_x = torch.cat([segment_sum / width[:, None, None], x])  # [S + T, N, d]
-        unit_pos = torch.cat([segment_pos, pos.permute(1, 0, 2)])  # [S + T, P, N] position sums
-        unit_count = torch.cat([width, torch.ones(T, dtype=torch.long, device=device)])  # [S + T] members per unit
         unit_valid = torch.cat([static, ~static[segment_of_frame]])  # [S + T, N]
+        unit_first_frame = torch.cat([start, torch.arange(T, device=device)])  # [S + T]
         frame_rows = rows.view(T, N)
-        unit_first_row = torch.cat([frame_rows[start], frame_rows])  # [S + T, N] earliest member row
         # emission order of the blocks: per segment, [static][frame 0]...[frame W-1]
         block_rank = torch.cat([start + torch.arange(S, device=device),
                                 torch.arange(T, device=device) + segment_of_frame + 1])  # [S + T]
@@ -166,35 +164,46 @@ class PruneVid(Method):
         result = dpc_knn(features, wanted, k=self.k, mask=mask, seed=self.seed)
         labels, M = result.labels, result.centers.shape[1]  # [A, N]
 
-        # 5. cluster means (features), rounded mean positions, first member, emission order
+        # 5. cluster means (features), first member, emission order
         means = cluster_means(features, labels, M)  # [A, M, d] float32
-        member_pos = unit_pos[active].gather(2, packed[:, None].expand(-1, pos.shape[0], -1)).transpose(1, 2)
-        pos_sum = cluster_sums(member_pos, labels, M)  # [A, M, P] float64
-        members = cluster_sums((unit_count[active][:, None].expand(-1, N) * mask)[..., None], labels, M)  # [A, M, 1]
-        size = cluster_sums(mask[..., None].long(), labels, M)[..., 0]  # [A, M] units per cluster
-        merged_pos = torch.round(pos_sum / members.clamp(min=1)).long()  # [A, M, P]
         cell = packed.masked_fill(~mask, N)
         first_cell = torch.full((active.numel(), M), N, dtype=torch.long, device=device).scatter_reduce(
             1, labels.clamp(min=0), cell, reduce="amin")  # [A, M]
-        first_row = unit_first_row[active].gather(1, first_cell.clamp(max=N - 1))  # [A, M]
+        first_row = frame_rows[unit_first_frame[active]][torch.arange(active.numel(), device=device)[:, None],
+                                                          first_cell.clamp(max=N - 1)]  # [A, M]
         exists = torch.arange(M, device=device)[None] < wanted[:, None]  # [A, M]
         key = (block_rank[active][:, None] * (N + 1) + first_cell)[exists]
         order = torch.argsort(key)
+        emitted = torch.empty_like(order)
+        emitted[order] = torch.arange(order.numel(), device=device)  # emission index of each existing cluster
+        cluster_index = (torch.cumsum(exists.flatten(), 0) - 1).view(exists.shape)  # [A, M] index among existing
 
         def emit(values):  # [A, M, ...] -> [n_out, ...] in emission order
             return values[exists][order]
+
+        # 6. members: unit u covers the frames of its segment (static) or its frame (dynamic); each (frame, cell)
+        out_of_unit = torch.full((S + T, N), -1, dtype=torch.long, device=device)  # [S + T, N] merged token
+        out_of_unit[active[:, None].expand(-1, N)[mask], packed[mask]] = emitted[cluster_index.gather(1, labels.clamp(
+            min=0))[mask]]
+        pair_unit = torch.cat([segment_of_frame, S + torch.arange(T, device=device)])  # [2T] (unit, frame) pairs
+        pair_frame = torch.cat([torch.arange(T, device=device)] * 2)
+        pair_out = out_of_unit[pair_unit]  # [2T, N]
+        is_member = pair_out >= 0
+        into = pair_out[is_member]  # [E]
+        sources = frame_rows[pair_frame][is_member]  # [E]
+        members = torch.bincount(into, minlength=order.numel())  # [n_out]
 
         first_row = emit(first_row)
         totals["segments"] += S
         totals["static"] += int((static.sum(-1) * width).sum())
         totals["cells"] += T * N
         return {
-            "embeds": emit(means).to(embeds.dtype),
-            "positions": emit(merged_pos).T.contiguous(),  # [P, n_out]
-            "kind": layout.kind[first_row],
-            "group": layout.group[first_row],
-            "cell": torch.where(emit(size) == 1, layout.cell[first_row], -1),
-            "original": layout.original[first_row],
+            "values": emit(means).to(embeds.dtype),
+            "sources": sources,
+            "into": into,
+            "weights": 1.0 / members[into].double(),
+            "anchor": emit(frame_rows[unit_first_frame[active], 0][:, None].expand(-1, M)),
+            "first_row": first_row,
             "part": part_offset + emit(block_rank[active][:, None].expand(-1, M)),
             "segments": lengths,
         }
@@ -224,7 +233,7 @@ class PruneVid(Method):
     def prune_layers(self, layout: TokenLayout) -> list[int]:
         return [self.stage2_layer + 1] if self.stage2 else []
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         """Keep the top ``floor(stage2_keep * n)`` video tokens of every part; prune the earlier caches too."""
         _refuse_second_sample(step.stats, "prunevid_stage2_tokens")
         layout = step.layout
@@ -324,12 +333,6 @@ def _sources(layout: TokenLayout) -> list[list[int]]:
     for index, group in enumerate(layout.groups):
         sources.setdefault((group.kind, group.source), []).append(index)
     return [groups for groups in sources.values() if layout.group_rows(groups[0]).numel()]
-
-
-def _rows(embeds, positions, layout: TokenLayout, begin: int, end: int) -> dict:
-    """Rows ``begin:end`` of the sequence, unchanged (the text between visual inputs)."""
-    return {"embeds": embeds[begin:end], "positions": positions[:, begin:end], "kind": layout.kind[begin:end],
-            "group": layout.group[begin:end], "cell": layout.cell[begin:end], "original": layout.original[begin:end]}
 
 
 def _refuse_second_sample(stats: dict, key: str) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerStep, Method, ModelInfo, Selection, check_layer, check_ratio, keep_count, register
+from .base import PrefillStep, Method, ModelInfo, Reduction, check_layer, check_ratio, keep_count, register
 
 
 @register("random")
@@ -34,7 +34,7 @@ class RandomPrune(Method):
     def prune_layers(self, layout) -> list[int]:
         return [self.layer]
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         layout = step.layout
         generator = torch.Generator().manual_seed(self.seed)
         kept = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerStep, Method, ModelInfo, Selection, check_layer, check_ratio, keep_count, register
+from .base import PrefillStep, Method, ModelInfo, Reduction, check_layer, check_ratio, keep_count, register
 
 
 def uniform_cells(rows: int, cols: int, k: int) -> list[int]:
@@ -49,7 +49,7 @@ class UniformPrune(Method):
     def prune_layers(self, layout) -> list[int]:
         return [self.layer]
 
-    def select(self, step: LayerStep) -> Selection:
+    def select(self, step: PrefillStep) -> Reduction:
         layout = step.layout
         kept = []
         for group_index, group in enumerate(layout.groups):

@@ -1,8 +1,14 @@
-"""Model adapters (one per family) and named models."""
+"""Model families (one file each, discovered automatically) and named models."""
 
-from . import llava, qwen25vl, zoo  # noqa: F401  (register adapters and named models)
-from .base import (VLM, Inputs, ModelAdapter, ModelInputError, ModelSpec, adapter_for, adapter_named,
-                   available_models, load_model, model_spec, register_model)
+import importlib
+import pkgutil
 
-__all__ = ["VLM", "Inputs", "ModelAdapter", "ModelInputError", "ModelSpec", "adapter_for", "adapter_named",
-           "available_models", "load_model", "model_spec", "register_model"]
+from .base import (VLM, Inputs, ModelAdapter, ModelInputError, ModelSpec, adapter_for, adapter_named, adapters,
+                   available_models, load_model, model_options, model_spec, register_adapter, register_model)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "images"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["VLM", "Inputs", "ModelAdapter", "ModelInputError", "ModelSpec", "adapter_for", "adapter_named", "adapters",
+           "available_models", "load_model", "model_options", "model_spec", "register_adapter", "register_model"]

@@ -1,14 +1,17 @@
-"""Model adapters: load a stock VLM, prepare a sample, locate visual tokens, expose the text decoder.
+"""Model families: load a stock VLM, prepare a sample, and tell the engine how its decoder works.
 
-One adapter per model family (``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``),
-registered by family name and model class; named models (``conf/model/*.yaml``, ``tp.load_model``) say
-which family, which default checkpoint and which architecture to build for ``weights=random``.
+One file per family under ``tokenprune/models/`` (discovered automatically): a ``ModelAdapter`` subclass — the
+engine's ``FamilySpec`` (layout, RoPE scheme, attention math, side inputs, FLOPs shape) plus loading, the
+processor options and ``prepare`` — registered with ``@register_adapter``, and its named models (real
+checkpoints' architectures and a tiny test architecture) registered with ``register_model``. Named models
+(``conf/model/*.yaml``, ``tp.load_model``) say which family, which default checkpoint and which architecture to
+build for ``weights=random``. See ``docs/adding_a_model_family.md``.
 """
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,15 +19,11 @@ from typing import Any, Callable
 import torch
 
 from ..data.sample import Sample
-from ..engine.layout import TokenLayout, VisualSpec
-from ..methods.base import ModelInfo
+from ..engine.contract import ModelInfo, ModelInputError, TokenLayout  # noqa: F401  (ModelInputError: re-exported)
+from ..engine.family import FamilySpec, families, family_for, family_named, register_family
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHTS = ("pretrained", "random")
-
-
-class ModelInputError(ValueError):
-    """A sample the adapter cannot turn into model inputs (corrupt image, unreadable video, ...)."""
 
 
 class Inputs(dict):
@@ -38,54 +37,66 @@ class Inputs(dict):
         return moved
 
 
-class ModelAdapter(ABC):
-    """What the engine and the runner need to know about one model family."""
+class ModelAdapter(FamilySpec):
+    """One model family: the engine's ``FamilySpec`` plus loading, processor options and ``prepare``."""
 
-    family: str = ""
-    model_class: type = None  # the stock transformers class
-    rope: str = "1d"  # "1d" or "mrope"
-    visual_input_keys: tuple[str, ...] = ()  # kwargs of the outer model that describe the visual grids
+    tiny_model: str | None = None  # the family's tiny test architecture (a registered named model)
+    option_keys: dict[str, tuple[str, ...]] = {}  # processor options per group: {"image": (...), "video": (...)}
 
-    # -- model structure --------------------------------------------------------------------------------
-    def outer_model(self, model):
-        """The module that receives ``input_ids`` and calls the text decoder (``model.model``)."""
-        return model.model
-
-    def text_model(self, model):
-        """The text decoder (a Llama / Qwen2 / Qwen2.5-VL text model with ``.layers``)."""
-        return model.model.language_model
+    @property
+    def model_class(self) -> type:
+        """The family's main stock class (``model_classes[0]``)."""
+        return self.model_classes[0]
 
     @abstractmethod
     def vision_model(self, model):
-        """The vision encoder (timed separately: it dominates time-to-first-token on Qwen2.5-VL)."""
-
-    def text_config(self, model):
-        return self.text_model(model).config
-
-    def model_info(self, model) -> ModelInfo:
-        config = self.text_config(model)
-        return ModelInfo(num_layers=config.num_hidden_layers, rope=self.rope, hidden_size=config.hidden_size,
-                         family=self.family)
-
-    @abstractmethod
-    def visual_specs(self, model, captured: dict | None) -> list[VisualSpec]:
-        """One VisualSpec per sample of the current call (``captured``: the outer model's inputs)."""
+        """The vision encoder (timed separately: it dominates time-to-first-token on Qwen-VL models)."""
 
     def check_options(self, options: dict | None) -> dict:
-        """Preprocessing options (``model.video.*``) that are set, checked; ValueError naming the field."""
-        return {key: value for key, value in (options or {}).items() if value is not None}
+        """Processor options ``{"image": {...}, "video": {...}}`` (``model.image.*``, ``model.video.*``): the ones that
+        are set, checked against ``option_keys``; ValueError naming the field and the allowed keys, before any model
+        work. Families check the values in their override."""
+        checked = {}
+        for group, values in (options or {}).items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ValueError(f"model options are grouped as {{'image': {{...}}, 'video': {{...}}}}; got "
+                                 f"{group}={values!r}")
+            allowed = self.option_keys.get(group, ())
+            for key, value in values.items():
+                if value is not None and key not in allowed:
+                    known = f"its model.{group} options: {', '.join(allowed)}" if allowed else f"no model.{group} options"
+                    raise ValueError(f"model.{group}.{key} is not an option of the {self.family} family ({known})")
+            checked[group] = {key: value for key, value in values.items() if value is not None}
+        return checked
 
-    def after_shortened_prefill(self, model, position_offset: int) -> None:
-        """Called when a prefill shortened the layer-0 cache (pre-LLM merging), so that a manual decode
-        forward without ``position_ids`` still continues from the unpruned prompt length."""
+    # -- test architecture --------------------------------------------------------------------------------
+    @abstractmethod
+    def tiny_config(self, layers: int = 6):
+        """A tiny random architecture of this family for tests (fp32 on CPU in milliseconds)."""
+
+    @abstractmethod
+    def tiny_processor(self):
+        """The processor of ``tiny_config`` (built in code: no download)."""
 
     # -- loading ----------------------------------------------------------------------------------------
     def load_pretrained(self, path: str, dtype: torch.dtype, attn_implementation: str):
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
-        model = self.model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(path)
+        model_class = self.class_for_config(config)
+        model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         processor = AutoProcessor.from_pretrained(path)
         return model, processor
+
+    def class_for_config(self, config) -> type:
+        """The stock class that builds ``config`` (dense or MoE variant)."""
+        for model_class in self.model_classes:
+            if isinstance(config, model_class.config_class):
+                return model_class
+        names = ", ".join(c.config_class.__name__ for c in self.model_classes)
+        raise ValueError(f"model family {self.family!r} builds {names}, not {type(config).__name__}")
 
     def build_random(self, config, dtype: torch.dtype, attn_implementation: str, seed: int):
         torch.manual_seed(seed)
@@ -93,7 +104,7 @@ class ModelAdapter(ABC):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
         try:
-            model = self.model_class(config)
+            model = self.class_for_config(config)(config)
         finally:
             torch.set_default_dtype(previous)
         model.config._attn_implementation = attn_implementation
@@ -104,28 +115,32 @@ class ModelAdapter(ABC):
     def prepare(self, processor, model, sample: Sample, options: dict | None = None) -> Inputs:
         """Turn a sample into model inputs with the family's processor and chat template."""
 
+    def layout_of(self, model, inputs: dict) -> TokenLayout:
+        """The TokenLayout of one prepared sample (what the engine will find at call time)."""
+        captured = {"input_ids": inputs["input_ids"], **{k: inputs.get(k) for k in self.capture_keys}}
+        return self.layouts(model, captured, inputs["input_ids"].device)[0]
 
-_ADAPTERS: dict[str, ModelAdapter] = {}
+
+register_adapter = register_family  # a family class decorator (kept under its first name)
 
 
-def register_adapter(adapter_class: type[ModelAdapter]) -> type[ModelAdapter]:
-    _ADAPTERS[adapter_class.family] = adapter_class()
-    return adapter_class
+def model_options(model_config: dict) -> dict:
+    """The processor options of a ``model`` config mapping (``model.image``, ``model.video``)."""
+    return {group: dict(model_config.get(group) or {}) for group in ("image", "video")}
 
 
 def adapter_for(model) -> ModelAdapter:
-    """The adapter of a loaded model, found by its class."""
-    for adapter in _ADAPTERS.values():
-        if isinstance(model, adapter.model_class):
-            return adapter
-    supported = ", ".join(a.model_class.__name__ for a in _ADAPTERS.values())
-    raise TypeError(f"tokenprune has no adapter for {type(model).__name__}; supported: {supported}")
+    """The family of a loaded model, found by its class."""
+    return family_for(model)
 
 
 def adapter_named(family: str) -> ModelAdapter:
-    if family not in _ADAPTERS:
-        raise ValueError(f"unknown model family {family!r}; available: {', '.join(sorted(_ADAPTERS))}")
-    return _ADAPTERS[family]
+    return family_named(family)
+
+
+def adapters() -> list[ModelAdapter]:
+    """Every registered model family (by name): what family-parametrised tests iterate."""
+    return families()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,7 +185,7 @@ class VLM:
     model: Any
     processor: Any
     adapter: ModelAdapter
-    options: dict = field(default_factory=dict)  # preprocessing options (video fps / nframes / pixels)
+    options: dict = field(default_factory=dict)  # processor options {"image": {...}, "video": {...}}
 
     @property
     def device(self) -> torch.device:

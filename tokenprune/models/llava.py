@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from transformers import LlavaForConditionalGeneration
+from functools import partial
+
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from ..data.sample import Sample
-from ..engine.layout import TokenLayout, VisualSpec
-from .base import Inputs, ModelAdapter, ModelInputError, register_adapter
+from ..engine.contract import ModelInputError, VisualSpec
+from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
 from .images import load_images
 
 # The llava-hf template, used when a checkpoint's processor carries none.
@@ -21,10 +23,11 @@ LLAVA15_TEMPLATE = (
 
 @register_adapter
 class LlavaAdapter(ModelAdapter):
+    """Everything the engine needs is the ``FamilySpec`` default (Llama decoder, 1-D RoPE) but the layout."""
+
     family = "llava"
-    model_class = LlavaForConditionalGeneration
-    rope = "1d"
-    visual_input_keys = ()
+    model_classes = (LlavaForConditionalGeneration,)
+    tiny_model = "tiny_llava"
 
     def vision_model(self, model):
         return model.model.vision_tower
@@ -39,7 +42,7 @@ class LlavaAdapter(ModelAdapter):
             return count, side, side
         return count, 1, count  # "full" keeps the CLS token: one row of side*side + 1 tokens
 
-    def visual_specs(self, model, captured: dict | None) -> list[VisualSpec]:
+    def visual_specs(self, model, captured: dict) -> list[VisualSpec]:
         config = model.config
         count, rows, cols = self.tokens_per_image(config)
         specs = []
@@ -62,7 +65,39 @@ class LlavaAdapter(ModelAdapter):
                                              chat_template=template)
         encoded = processor(images=images or None, text=text, return_tensors="pt")
         inputs = Inputs(encoded)
-        spec = self.visual_specs(model, {"input_ids": inputs["input_ids"]})[0]
-        inputs.layout = TokenLayout.from_input_ids(inputs["input_ids"][0], spec)
+        inputs.layout = self.layout_of(model, inputs)
         return inputs
+
+    def tiny_config(self, layers: int = 6):
+        from .zoo.tiny import tiny_llava_config
+
+        return tiny_llava_config(layers=layers)
+
+    def tiny_processor(self):
+        from .zoo.tiny import tiny_llava_processor
+
+        return tiny_llava_processor()
+
+
+def llava15_config(size: str) -> LlavaConfig:
+    """LLaVA-1.5-{7B,13B} (llava-hf), from the published config.json files."""
+    text = {
+        "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    }[size]
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text, num_key_value_heads=text["num_attention_heads"], vocab_size=32064,
+                                max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32001,
+                                tie_word_embeddings=False),
+        image_token_id=32000, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        projector_hidden_act="gelu", pad_token_id=32001,
+    )
+
+
+for _size in ("7b", "13b"):
+    register_model(ModelSpec(f"llava15_{_size}", "llava", f"llava-hf/llava-1.5-{_size}-hf",
+                             partial(llava15_config, _size), description=f"LLaVA-1.5-{_size.upper()}"))
 

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..engine.apply import apply
 from ..engine.compat import output_cache
-from ..engine.flops import DecoderShape, all_conventions
+from ..engine.flops import all_conventions
 
 
 class Clock:
@@ -250,7 +250,7 @@ def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=No
 
 def token_metrics(vlm, layout, report) -> dict:
     """Visual tokens entering the decoder and layer-averaged, and analytic prefill FLOPs (all conventions)."""
-    shape = DecoderShape.from_config(vlm.adapter.text_config(vlm.model))
+    shape = vlm.adapter.decoder_shape(vlm.adapter.text_config(vlm.model))
     if report is None or not report.layer_tokens:
         layer_tokens = [layout.length] * shape.layers
         layer_visual = [layout.num_visual] * shape.layers
@@ -261,8 +261,8 @@ def token_metrics(vlm, layout, report) -> dict:
         entering_tokens, entering_visual = report.tokens_entering_decoder, report.visual_entering_decoder
         stats = dict(report.stats)
     flops = all_conventions(shape, layer_tokens, layer_visual)
-    if report is not None and getattr(report, "flops_override", None) is not None:
-        flops["tokenprune"] = report.flops_override
+    if report is not None and report.layer_plans:
+        flops["tokenprune"] = report.flops(shape)  # layer plans skip rows: the token counts alone overcount
     return {
         "prompt_tokens": layout.length,
         "visual_tokens_original": layout.num_visual,

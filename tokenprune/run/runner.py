@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .. import methods as method_registry
 from ..data import available_datasets, create_dataset
-from ..models import adapter_named, available_models, load_model, model_spec
+from ..models import adapter_named, available_models, load_model, model_options, model_spec
 from .measure import measure_generation, release_memory
 from .results import SUMMARY_FILE, ResultStore, format_table, read_records, summarize
 
@@ -133,7 +133,7 @@ def build_plan(cfg: DictConfig, command_has_arguments: bool = True) -> Plan:
                           + (f", e.g. a copy of {spec.hub_id})" if spec.hub_id else ")")
                           + "; or weights=random for the architecture with random weights")
     try:
-        adapter_named(spec.family).check_options(model.get("video"))
+        adapter_named(spec.family).check_options(model_options(model))
     except ValueError as error:
         raise ConfigError(str(error)) from error
     run = cfg.run
@@ -253,11 +253,9 @@ def run_benchmark(cfg: DictConfig, command_has_arguments: bool = True, plan: Pla
 
 
 def _load(model: dict):
-    video = model.get("video") or {}
     return load_model(model["name"], path=model.get("path"), weights=model.get("weights", "pretrained"),
                       dtype=model.get("dtype", "float32"), device=model.get("device", "auto"),
-                      attn_implementation=model.get("attn_implementation", "sdpa"),
-                      options={k: v for k, v in video.items() if v is not None})
+                      attn_implementation=model.get("attn_implementation", "sdpa"), options=model_options(model))
 
 
 def _sample_id(dataset, index: int) -> str:

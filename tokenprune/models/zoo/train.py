@@ -35,7 +35,8 @@ import torch
 from ...data.sample import Sample
 from ...data.synthetic import COLOURS, DEFAULT_IMAGE_TASKS, SHAPES, SyntheticImageQA, SyntheticVideoQA, ask_about
 from ..base import adapter_named, model_spec
-from ...engine.scores import AttentionGeometry, project_keys, rotate_half
+from ...engine.attention import AttentionMath
+from ...engine.scores import project_keys, project_queries
 from .checkpoints import CHECKPOINT_ROOT, TRAINED
 
 
@@ -248,8 +249,7 @@ def batch_token_labels(vlm, samples: list[Sample], batch: dict) -> torch.Tensor:
 
 def _visual_spec(vlm, batch: dict, row: int):
     return vlm.adapter.visual_specs(vlm.model, {"input_ids": batch["input_ids"][row : row + 1],
-                                                  **{k: batch.get(k) for k in vlm.adapter.visual_input_keys
-                                                     if k != "input_ids" and k in batch}})[0]
+                                                  **{k: batch.get(k) for k in vlm.adapter.capture_keys if k in batch}})[0]
 
 
 def evidence_masks(vlm, samples: list[Sample], batch: dict, lookups: list[Lookup], heads: int) -> torch.Tensor:
@@ -346,22 +346,19 @@ class KeyProbe(torch.nn.Module):
                 + ce(self.last(rows), targets[:, 1], ignore_index=-100)) / 2
 
 
-def evidence_attention(layer, hidden: torch.Tensor, position_embeddings, lookups: list[Lookup],
+def evidence_attention(math: AttentionMath, hidden: torch.Tensor, position_embeddings, lookups: list[Lookup],
                        masks: torch.Tensor, heads: int) -> torch.Tensor:
-    """Per lookup, the attention mass that the query row puts on its evidence rows in ``layer``, averaged over
-    the first ``heads`` query heads, recomputed from the layer's own projections. Fixed heads (not the best
-    head of each lookup) keep the read-out simple: the evidence always arrives through the same heads.
-    ``hidden``: ``[B, L, d]`` entering the layer; ``masks``: ``[n, heads, L]``. Returns ``[n]``."""
-    attention = layer.self_attn
-    geometry = AttentionGeometry.of(attention)
+    """Per lookup, the attention mass that the query row puts on its evidence rows in a layer, averaged over
+    the first ``heads`` query heads, recomputed from the layer's own projections (its family's attention math).
+    Fixed heads (not the best head of each lookup) keep the read-out simple: the evidence always arrives through
+    the same heads. ``hidden``: ``[B, L, d]`` entering the layer; ``masks``: ``[n, heads, L]``. Returns ``[n]``."""
     samples, rows = query_index(lookups)
     cos, sin = (table.expand(hidden.shape[0], -1, -1) for table in position_embeddings)  # [B, L, hd]
-    x = layer.input_layernorm(hidden[samples, rows])  # [n, d]
-    q = attention.q_proj(x).view(len(lookups), geometry.num_heads, geometry.head_dim)  # [n, H, hd]
-    q = q * cos[samples, rows, None] + rotate_half(q) * sin[samples, rows, None]
-    k = project_keys(layer, hidden, cos, sin, rope=True)[samples]  # [n, KVH, L, hd]
-    k = k.repeat_interleave(geometry.num_heads // geometry.num_kv_heads, dim=1)  # [n, H, L, hd]
-    scores = torch.einsum("nhd,nhld->nhl", q.float(), k.float()) * geometry.scaling
+    q = project_queries(math, hidden[samples, rows][:, None], torch.zeros(1, dtype=torch.long),
+                        cos[samples, rows][:, None], sin[samples, rows][:, None], rope=True)[:, :, 0]  # [n, H, hd]
+    k = project_keys(math, hidden, cos, sin, rope=True)[samples]  # [n, KVH, L, hd]
+    k = k.repeat_interleave(math.num_heads // math.num_kv_heads, dim=1)  # [n, H, L, hd]
+    scores = torch.einsum("nhd,nhld->nhl", q.float(), k.float()) * math.scaling
     future = torch.arange(hidden.shape[1])[None, :] > rows[:, None]  # [n, L]
     probs = torch.softmax(scores.masked_fill(future[:, None], float("-inf")), dim=-1)  # [n, H, L]
     return (probs[:, :heads] * masks).sum(dim=-1).mean(dim=-1)
@@ -499,13 +496,13 @@ def _train(name: str, out: Path, steps: int | None, seed: int | None, log_every:
         if recipe.look_weight:
             masks = evidence_masks(vlm, samples, batch, lookups, recipe.look_heads)  # [n_lookups, heads, L]
             supervised = masks.flatten(1).any(dim=1)
-            mass = evidence_attention(look_layer, *captured["look"],
+            mass = evidence_attention(adapter.attention_math(look_layer), *captured["look"],
                                       [lk for lk, keep in zip(lookups, supervised) if keep], masks[supervised], recipe.look_heads)
             parts["look"] = recipe.look_weight * -torch.log(mass + 1e-4).mean()
         masks, key_targets = key_word_masks(vlm, batch, lookups, recipe.look_heads)  # [n, heads, L], [n, 2]
         if recipe.read_weight:
             supervised = masks.flatten(1).any(dim=1)
-            mass = evidence_attention(read_layer, *captured["read"],
+            mass = evidence_attention(adapter.attention_math(read_layer), *captured["read"],
                                       [lk for lk, keep in zip(lookups, supervised) if keep], masks[supervised],
                                       recipe.look_heads)
             parts["read"] = recipe.read_weight * -torch.log(mass + 1e-4).mean()
