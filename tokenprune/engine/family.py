@@ -33,7 +33,7 @@ class FamilySpec(ABC):
     family: str = ""
     model_classes: tuple[type, ...] = ()  # stock transformers classes (dense and MoE variants)
     capture_keys: tuple[str, ...] = ()  # outer-model kwargs the layout needs besides input_ids
-    rope_name: str = "1-D RoPE"  # ModelInfo.rope (informational)
+    rope_name: str = ""  # ModelInfo.rope: the family's name of its RoPE kind (for messages; no engine decision reads it)
     reindex_positions: bool = True  # contiguous re-indexing of positions is defined (PDrop's official option)
     video: bool = False  # the family takes video input
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionMath
+from .attention import AttentionMath, apply_rope, rotate_half  # noqa: F401  (apply_rope, rotate_half: their former home)
 
 # Largest float32 score block materialised at once (bytes); chunks of query rows are sized to fit.
 SCORE_CHUNK_BYTES = 256 * 2**20

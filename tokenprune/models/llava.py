@@ -28,6 +28,7 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_classes = (LlavaForConditionalGeneration,)
     tiny_model = "tiny_llava"
+    rope_name = "1d"
 
     def vision_model(self, model):
         return model.model.vision_tower

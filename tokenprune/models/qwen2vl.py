@@ -82,7 +82,7 @@ class Qwen2VLAdapter(ModelAdapter):
     model_classes = (Qwen2VLForConditionalGeneration,)
     tiny_model = "tiny_qwen2vl"
     capture_keys = ("image_grid_thw", "video_grid_thw", "position_ids")
-    rope_name = "3-D mRoPE"
+    rope_name = "mrope"  # 3-D (t, h, w)
     reindex_positions = False  # PDrop's re-indexing is official on 1-D RoPE only
     video = True
     option_keys = {"image": IMAGE_OPTION_KEYS, "video": VIDEO_OPTION_KEYS}
