@@ -49,7 +49,7 @@ def main() -> None:
                                          torch.float32, "sdpa", seed=0).eval()
     shape = DecoderShape.from_config(vlm.adapter.text_config(vlm.model))
     with tempfile.TemporaryDirectory() as cache:
-        dataset = SyntheticVideoQA(n_samples=args.videos, frames=args.frames, format="mp4", cache_dir=cache)
+        dataset = SyntheticVideoQA(limit=args.videos, frames=args.frames, format="mp4", cache_dir=cache)
         rows = {name: [] for name in CONFIGURATIONS}
         for index in range(args.videos):
             inputs = vlm.prepare(dataset[index])

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thr
 
 
 def samples(n=N_SAMPLES, split="train"):
-    dataset = create_dataset("synthetic_image", split=split, n_samples=n)
+    dataset = create_dataset("synthetic_image", split=split, limit=n)
     return [dataset[i] for i in range(n)]
 
 

@@ -424,7 +424,7 @@ def test_method_describes_its_resolved_policy(tmp_path):
 def test_video_tokens_count_as_visual():
     """Card §4: tokenprune includes video pads in V (the seed left them untouched)."""
     vlm = tiny_vlm("tiny_qwen25vl")
-    sample = tp.data.create_dataset("synthetic_video", n_samples=1, frames=4, frame_size=56)[0]
+    sample = tp.data.create_dataset("synthetic_video", limit=1, frames=4, frame_size=56)[0]
     inputs = vlm.prepare(sample)
     layout = inputs.layout
     video = (layout.kind == 2).nonzero().flatten()  # VIDEO rows

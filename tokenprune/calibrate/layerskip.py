@@ -471,8 +471,8 @@ def run_from_config(cfg) -> tuple[SearchResult, Path]:
         else:
             warnings.warn(f"dataset {dataset_name!r} has no split: calibration samples may overlap evaluation ones",
                           stacklevel=2)
-    if "n_samples" in known:
-        dataset_fields["n_samples"] = n_samples
+    if "n_samples" in known:  # a synthetic stream: generate exactly the calibration samples
+        dataset_fields.update(limit=n_samples, n_samples=None)
     dataset = create_dataset(dataset_name, **dataset_fields)
     if len(dataset) < n_samples:
         raise ValueError(f"n_samples={n_samples} but dataset {dataset_name!r} has only {len(dataset)} samples")
