@@ -59,8 +59,9 @@ def copies(tmp_path_factory, datasets_cache) -> dict[str, dict]:
 
 def command(name: str, overrides: dict, run_dir: Path) -> list[str]:
     model = "tiny_qwen25vl" if name in fb.VIDEO_BENCHMARKS else "tiny_llava"
+    overrides = {"limit": 2, "seed": "null", **overrides}  # the first two samples
     return [f"dataset={name}", *(f"dataset.{key}={value}" for key, value in overrides.items()), f"model={model}",
-            "method=fastv", "run.n_samples=2", "run.max_new_tokens=2", f"hydra.run.dir={run_dir}"]
+            "method=fastv", "run.max_new_tokens=2", f"hydra.run.dir={run_dir}"]
 
 
 def run_in_process(arguments: list[str], monkeypatch) -> None:

@@ -9,6 +9,7 @@ Overrides use Hydra syntax over ``tokenprune/conf/calibrate.yaml`` and the ``mod
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -24,9 +25,23 @@ USAGE = ("usage: python -m tokenprune.calibrate <search> [key=value ...]\n"
          "n_samples=20 beam_width=1 budget=4")
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def search_help(name: str, config_name: str) -> str:
+    """A search's help: what it does, its fields with their defaults and meanings (its YAML), the groups."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    fields = (conf / f"{config_name}.yaml").read_text()
+    groups = {group: sorted(p.stem for p in (conf / group).glob("*.yaml")) for group in ("model", "dataset")}
+    return "\n".join([f"usage: python -m tokenprune.calibrate {name} [key=value ...]", "",
+                      f"Fields (override as key=value; from tokenprune/conf/{config_name}.yaml):", "", fields.rstrip(),
+                      "", *(f"{group}= one of: {', '.join(names)} (and {group}.<field>=...)"
+                            for group, names in groups.items())])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in HELP_FLAGS:
         print(USAGE)
         return 0 if argv else 2
     name, overrides = argv[0], argv[1:]
@@ -34,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown search {name!r}; available: {', '.join(SEARCHES)}\n{USAGE}", file=sys.stderr)
         return 2
     config_name, run = SEARCHES[name]
+    if any(flag in overrides for flag in HELP_FLAGS):
+        print(search_help(name, config_name))
+        return 0
     try:
         with initialize_config_module(config_module="tokenprune.conf", version_base=None):
             cfg = compose(config_name=config_name, overrides=overrides)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..methods.base import ModelInfo
+from ..engine.contract import ModelInfo
 from .base import ModelSpec, _looks_like_hub_id, adapter_named
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -26,9 +26,9 @@ class ModelCheckError(ValueError):
     """A model that cannot be used as configured; the message names the field and what is allowed."""
 
 
-def expected_model_type(family: str) -> str:
-    """The ``model_type`` of ``config.json`` that a family's stock class loads (``llava``, ``qwen2_5_vl``)."""
-    return adapter_named(family).model_class.config_class.model_type
+def expected_model_types(family: str) -> list[str]:
+    """The ``model_type`` values of ``config.json`` that a family's stock classes load (``llava``, ``qwen2_5_vl``)."""
+    return list(dict.fromkeys(c.config_class.model_type for c in adapter_named(family).model_classes))
 
 
 def is_hub_id(path: str) -> bool:
@@ -45,7 +45,7 @@ def architecture_config(spec: ModelSpec, path: str | None, weights: str, offline
         return spec.random_config()
     from transformers import AutoConfig
 
-    family_type = expected_model_type(spec.family)
+    family_type = expected_model_types(spec.family)[0]
     if is_hub_id(path):
         cached = _cached_hub_file(path, "config.json")
         if offline_reason and cached is None:
@@ -78,11 +78,12 @@ def architecture_config(spec: ModelSpec, path: str | None, weights: str, offline
 
 
 def check_model_type(model_type: str, spec: ModelSpec, path: str) -> None:
-    expected = expected_model_type(spec.family)
-    if model_type != expected:
+    expected = expected_model_types(spec.family)
+    if model_type not in expected:
+        loads = " or ".join(repr(t) for t in expected)
         raise ModelCheckError(
             f"model.path={path!r} holds a {model_type!r} checkpoint (config.json model_type), but model={spec.name} "
-            f"is of the {spec.family!r} family, which loads {expected!r} checkpoints; choose a model of the "
+            f"is of the {spec.family!r} family, which loads {loads} checkpoints; choose a model of the "
             "checkpoint's family or the matching checkpoint")
 
 
@@ -99,7 +100,8 @@ def model_info_from_config(config, family: str) -> ModelInfo:
     """What a method may check its fields against (``Method.validate``), from a config alone."""
     adapter = adapter_named(family)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelInfo(num_layers=text.num_hidden_layers, rope=adapter.rope, hidden_size=text.hidden_size, family=family)
+    return ModelInfo(num_layers=text.num_hidden_layers, rope=adapter.rope_name, hidden_size=text.hidden_size,
+                     family=family, reindex_positions=adapter.reindex_positions)
 
 
 def checkpoint_fingerprint(path: str | None) -> str | None:
@@ -124,7 +126,7 @@ def checkpoint_fingerprint(path: str | None) -> str | None:
 def estimate_weight_bytes(family: str, config, dtype: torch.dtype) -> int:
     """Bytes of the parameters and buffers of the architecture in ``dtype``, counted on the meta device (nothing
     is allocated; a 7B model takes well under a second)."""
-    model_class = adapter_named(family).model_class
+    model_class = adapter_named(family).class_for_config(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
     try:

@@ -22,7 +22,7 @@ import torch
 
 from ..data import DatasetError, available_datasets, create_dataset, dataset_class
 from ..methods.base import ModelInfo
-from ..models import ModelAdapter, ModelSpec, adapter_named, available_models, model_spec, register_model
+from ..models import ModelSpec, adapter_named, available_models, model_options, model_spec, register_model
 from ..models.base import DTYPES, WEIGHTS
 from ..models.checks import (ModelCheckError, architecture_config, checkpoint_fingerprint, is_hub_id,
                              model_info_from_config)
@@ -43,7 +43,8 @@ MODEL_FIELDS = {
     "dtype": f"one of {list(DTYPES)}",
     "device": "auto, cpu, cuda or cuda:N",
     "attn_implementation": f"one of {list(ATTN_IMPLEMENTATIONS)}",
-    "video": "video reading options (fps, nframes, min_pixels, max_pixels, ...)",
+    "image": "image resolution options of the family's processor (min_pixels, max_pixels)",
+    "video": "video reading options of the family (fps, nframes, min_pixels, max_pixels, ...)",
     "processor": "keyword arguments of the processor (AutoProcessor.from_pretrained)",
 }
 
@@ -99,13 +100,8 @@ def check_model(model: dict, seed: int = 0) -> CheckedModel:
         raise ConfigError(f"model.path is required for model={spec.name} (a local checkpoint directory"
                           + (f", e.g. a copy of {spec.hub_id})" if spec.hub_id else ")")
                           + "; or weights=random for the architecture with random weights")
-    adapter = adapter_named(spec.family)
-    given = sorted(k for k, v in (model.get("video") or {}).items() if v is not None)
-    if given and type(adapter).check_options is ModelAdapter.check_options:
-        raise ConfigError(f"model.video.{given[0]} is set, but model={spec.name} ({spec.family} family) takes no "
-                          "video; leave model.video.* null")
     try:
-        video = adapter.check_options(model.get("video"))
+        options = adapter_named(spec.family).check_options(model_options(model))
     except ValueError as error:
         raise ConfigError(str(error)) from error
     processor = model.get("processor") or {}
@@ -117,7 +113,7 @@ def check_model(model: dict, seed: int = 0) -> CheckedModel:
     except ModelCheckError as error:
         raise ConfigError(str(error)) from error
     fields = {**model, "name": spec.name, "family": spec.family, "path": path, "weights": weights, "dtype": dtype,
-              "device": model.get("device", "auto"), "attn_implementation": attn, "video": video,
+              "device": model.get("device", "auto"), "attn_implementation": attn, **options,
               "processor": processor, "seed": seed}
     return CheckedModel(fields, spec, config, model_info_from_config(config, spec.family))
 
