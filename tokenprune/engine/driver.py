@@ -42,7 +42,7 @@ from .sequence import PrefillSequence
 from .sublayers import run_planned_layer
 
 STATE_ATTRIBUTE = "_tokenprune_state"
-MIN_SCORE_CHUNK_BYTES = 4 * 2**20
+MIN_SCORE_CHUNK_BYTES = 256 * 2**10
 
 
 # ---------------------------------------------------------------------------------------------------------
