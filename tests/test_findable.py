@@ -36,7 +36,8 @@ def test_run_directory_is_named_after_the_model_and_printed_at_start_and_end(tmp
         cfg = compose("config", overrides=["model=tiny_qwen25vl", "method=pdrop"], return_hydra_config=True)
     directory = OmegaConf.select(cfg, "hydra.run.dir")
     assert directory.startswith("outputs/") and directory.endswith("_tiny_qwen25vl_pdrop_synthetic_image")
-    assert OmegaConf.select(cfg, "hydra.sweep.dir").endswith("_tiny_qwen25vl_synthetic_image")
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]  # resolved per job by Hydra
+    assert subdir.startswith("${hydra.job.num}_${model.name}_")
 
     code = run_module("tokenprune", ["method=fastv", "dataset.limit=1", "run.max_new_tokens=1", "run.progress=false",
                                      f"hydra.run.dir={tmp_path}"], monkeypatch)

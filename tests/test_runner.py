@@ -91,7 +91,8 @@ def test_multirun_writes_one_directory_per_job_and_the_report_merges_them(tmp_pa
                              str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "| fastv | 0_dataset.limit=2,method=fastv |" in text and "| random | 1_dataset.limit=2,method=random |" in text
+    assert "| fastv | 0_tiny_llava_dataset.limit=2,method=fastv |" in text
+    assert "| random | 1_tiny_llava_dataset.limit=2,method=random |" in text
     assert text.count("| baseline |") == 1  # both jobs' baselines gave the same per-sample scores: one row
     # the sweep printed the same table at its end (the Hydra callback)
     from tokenprune.run.report import tables
