@@ -177,8 +177,15 @@ class Group:
 
     def table(self) -> str:
         summary = {row.label: row.entry for row in self.rows}
-        return format_table(summary, self.title, runs={row.label: row.run_names for row in self.rows},
+        return format_table(summary, self.title, runs={row.label: self._run_cell(row) for row in self.rows},
                             notes=self.notes)
+
+    def _run_cell(self, row: Row) -> str:
+        """Which run(s) a row comes from; a baseline shared by many runs is not spelled out run by run."""
+        runs = row.runs or [row.run]
+        if len(runs) > 1 and len(runs) == len(self.runs):
+            return f"all {len(runs)} runs"
+        return runs[0].name if len(runs) == 1 else f"{runs[0].name} and {len(runs) - 1} more"
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

@@ -274,10 +274,13 @@ def run_benchmark(cfg: DictConfig, plan: Plan | None = None) -> dict:
         todo = samples_to_run(plan, done)
         if done:
             print(f"resumed: {len(plan.indices) - len(todo)} of {len(plan.indices)} samples done", flush=True)
+        sink = _make_sink(plan, cfg)
         if todo:
-            _run_samples(plan, cfg, store, done, todo, labels)
+            _run_samples(plan, cfg, store, done, todo, labels, sink)
     records = read_records(plan.output_dir)
     summary = summarize(records, labels, plan.dataset.scorer, plan.baseline_label)
+    if sink is not None:
+        sink.finish(records, summary, labels)
     errors = error_kinds(records)
     payload = {"model": plan.model["name"], "dataset": plan.dataset.name, "samples": len(plan.indices),
                "methods": summary, "identity": plan.identity, "scored": _scored_samples(records),
@@ -290,13 +293,12 @@ def run_benchmark(cfg: DictConfig, plan: Plan | None = None) -> dict:
     return payload
 
 
-def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int], labels: list[str]) -> None:
+def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int], labels: list[str], sink) -> None:
     vlm = load_vlm(plan.model)
     # The model's objects never become garbage: move them out of the collector's sight, so the per-sample
     # collection (which frees cyclic garbage left by a failed or finished generation) stays cheap.
     gc.collect()
     gc.freeze()
-    sink = _make_sink(plan, cfg)
     eos = getattr(vlm.processor.tokenizer, "eos_token_id", None) if vlm.processor is not None else None
     main_label = labels[1] if plan.paired and len(labels) > 1 else labels[0]
     running = {"correct": 0.0, "n": 0}
@@ -322,9 +324,6 @@ def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int
     finally:
         progress.close()
         gc.unfreeze()
-    if sink is not None:
-        records = read_records(plan.output_dir)
-        sink.finish(records, summarize(records, labels, plan.dataset.scorer, plan.baseline_label), labels)
 
 
 def _seed_everything(seed: int) -> None:
