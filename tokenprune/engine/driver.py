@@ -42,7 +42,9 @@ from .sequence import PrefillSequence
 from .sublayers import run_planned_layer
 
 STATE_ATTRIBUTE = "_tokenprune_state"
-MIN_SCORE_CHUNK_BYTES = 256 * 2**10
+# Smallest score block (bytes). Small enough that scoring stays within a small model's own prefill peak (the
+# 1.1x test at N = 1024), large enough that the tiny trained models score in one block (HiMAP stage 2: <= 171 rows).
+MIN_SCORE_CHUNK_BYTES = 1536 * 2**10
 
 
 # ---------------------------------------------------------------------------------------------------------
