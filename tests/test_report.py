@@ -108,3 +108,19 @@ def test_plots_say_their_unit_stay_in_range_name_their_runs_and_clip_nothing(run
     report = write_report([root], tmp_path / "report").read_text()
     assert report.count("### synthetic_image · tiny_llava") == 4
     assert len(list((tmp_path / "report").glob("*_flops.png"))) == 4
+
+
+def test_a_metric_in_points_gets_its_own_unit_and_range():
+    from tokenprune.data.benchmarks.mme import MMEScore
+    from tokenprune.data.benchmarks.ocrbench import OCRBenchScore
+
+    assert (MMEScore.headline_unit, MMEScore.headline_range) == ("points", (0.0, 2000.0))
+    assert OCRBenchScore.headline_range == (0.0, 1000.0)
+    row = {"label": "baseline", "run": "r", "metrics": {"perception_score": 1510.7}, "headline": "perception_score",
+           "headline_unit": "points", "headline_range": [0.0, 2000.0], "flops": {"tokenprune": 3.82e12},
+           "visual_tokens_layer_mean": 576.0}
+    figure = pareto_figure([row], "flops")
+    axis = figure.axes[0]
+    assert axis.get_ylabel() == "perception_score (points)" and axis.get_ylim() == (0.0, 2000.0)
+    assert axis.get_xlabel() == "prefill TFLOPs (tokenprune convention)"
+    plt.close(figure)
