@@ -28,7 +28,13 @@ def load_random_model(name: str, device: str, dtype: str):
 
 
 def supports_video(vlm) -> bool:
-    return vlm.adapter.family == "qwen25vl"
+    return getattr(vlm.model.config, "video_token_id", None) is not None
+
+
+def fixed_size_images(vlm) -> bool:
+    """LLaVA-1.5-style input: images of one fixed size (N = a multiple of the tokens per image); otherwise the
+    Qwen-VL style: one image of any grid, patches merged by the vision config's ``spatial_merge_size``."""
+    return hasattr(vlm.adapter, "tokens_per_image")
 
 
 def grid_for(tokens: int) -> tuple[int, int]:
@@ -62,7 +68,7 @@ class Prompt:
 def visual_grids(vlm, visual: int, kind: str, frames: int) -> list[tuple[int, int, int]]:
     """Grids giving (about) ``visual`` tokens: Qwen2.5-VL one image (or one video of ``frames`` temporal steps) of
     any size; LLaVA-1.5 a number of fixed-size images (N is rounded to a multiple of the tokens per image)."""
-    if vlm.adapter.family == "llava":
+    if fixed_size_images(vlm):
         per_image, rows, cols = vlm.adapter.tokens_per_image(vlm.model.config)
         return [(1, rows, cols)] * max(1, round(visual / per_image))
     if kind == "video":
@@ -90,7 +96,7 @@ def build_prompt(vlm, visual: int, kind: str = "image", frames: int = 8, seed: i
     pieces = [text(PREFIX_TOKENS)]
     for t, rows, cols in grids:
         run = torch.full((t * rows * cols,), placeholder)
-        if vlm.adapter.family == "qwen25vl":
+        if getattr(config, "vision_start_token_id", None) is not None:  # Qwen-VL: <|vision_start|> ... <|vision_end|>
             start, end = torch.tensor([config.vision_start_token_id]), torch.tensor([config.vision_end_token_id])
             run = torch.cat([start, run, end])
         pieces.append(run)
@@ -105,7 +111,7 @@ def _encoder_inputs(vlm, grids, kind: str, input_ids: torch.Tensor, generator) -
     config = vlm.model.config
     vision = config.vision_config
     device, dtype = vlm.device, next(vlm.model.parameters()).dtype
-    if vlm.adapter.family == "llava":
+    if fixed_size_images(vlm):
         pixels = torch.randn(len(grids), 3, vision.image_size, vision.image_size, generator=generator)
         return {}, {"pixel_values": pixels.to(device, dtype)}
     merge = vision.spatial_merge_size

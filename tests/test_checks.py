@@ -15,7 +15,7 @@ from transformers import Qwen2VLConfig
 
 import tokenprune as tp
 import tokenprune.run.runner as runner_module
-from tokenprune.models.zoo.real import llava15_config
+from tokenprune.models.llava import llava15_config
 from tokenprune.run.results import read_records
 from tokenprune.run.runner import ConfigError, build_plan, run_benchmark
 
@@ -68,7 +68,8 @@ def test_layer_range_of_the_packaged_tiny_model(tmp_path, no_model_loading):
     (["model.device=gpu0"], r"model.device='gpu0' is not allowed; choose from auto, cpu, cuda, cuda:N"),
     (["model.attn_implementation=flash"], r"model.attn_implementation='flash' is not allowed; choose from \['sdpa'"),
     (["model=tiny_qwen25vl", "model.video.min_pixels=0"], r"model.video.min_pixels must be an integer >= 1, got 0"),
-    (["model.video.nframes=8"], r"model.video.nframes is set, but model=tiny_llava \(llava family\) takes no video"),
+    (["model.video.nframes=8"], r"model.video.nframes is not an option of the llava family \(no model.video options\)"),
+    (["model=tiny_qwen25vl", "model.image.min_pixels=0"], r"model.image.min_pixels must be an integer >= 1"),
     (["+model.colour=red"], r"model has no field\(s\) colour; its fields are: name .*dtype .*video"),
     (["+model.family=qwen25vl"], r"model.family='qwen25vl' does not match model=tiny_llava, which is of the 'llava'"),
     (["+model.family=blip"], r"model.family='blip': unknown model family 'blip'; available: llava, qwen25vl"),
