@@ -21,6 +21,10 @@ Semantics (tested in ``tests/``):
     positions continue from the unpruned prompt length.
   * Batch size 1, or unpadded batches whose samples keep equally many tokens; padded batches are refused.
   * Per-call state lives on the call's KV cache object and dies with it: nothing survives across calls.
+  * Layer plans run in the prefill; a plan whose attention skip holds for every row (``attn_all_rows``, the seed's
+    decoder) skips that attention in every decoding step of the same cache too, and leaves a
+    ``SkippedAttentionLayer`` in its cache entry (no keys or values, only the row count: the cache length that
+    the stock code and the prefill detection read from layer 0 stays right).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .family import FamilySpec, refuse_missing_input_ids
 from .report import OverheadTimer, PrefillReport
 from .scores import attention_probabilities, project_keys, project_queries
 from .sequence import PrefillSequence
-from .sublayers import run_planned_layer
+from .sublayers import run_layer_without_attention, run_planned_layer
 
 STATE_ATTRIBUTE = "_tokenprune_state"
 MIN_SCORE_CHUNK_BYTES = 4 * 2**20
@@ -55,6 +59,7 @@ class DecodeState:
     changed: bool = False  # the prefill left some layer with a shortened cache or shifted positions
     position_offset: int = 0  # original prompt length - layer-0 cache length after prefill
     layer_position_shift: dict[int, int] = field(default_factory=dict)  # re-indexed layers: decode position shift
+    attention_skipped: frozenset[int] = frozenset()  # layers whose attention every row skips, decoding included
 
 
 @dataclass
@@ -72,7 +77,7 @@ class PrefillCall:
 
 @dataclass
 class DecodeCall:
-    positions: torch.Tensor  # [B, P, L] of the new rows
+    positions: torch.Tensor | None  # [B, P, L] of the new rows (None: the prefill changed no rows)
     cache: DynamicCache
     decode: DecodeState
     tables: dict = field(default_factory=dict)  # shift -> (cos, sin)
@@ -140,6 +145,8 @@ class Driver:
 
         def forward(hidden_states, *args, **kwargs):
             call = self.active
+            if isinstance(call, DecodeCall) and index in call.decode.attention_skipped:
+                return run_layer_without_attention(layer, index, hidden_states, **kwargs)
             plan = call.plans.get(index) if isinstance(call, PrefillCall) else None
             if plan is None:
                 return stock_forward(hidden_states, *args, **kwargs)
@@ -238,8 +245,10 @@ class Driver:
 
     def _begin_decode(self, embeds: torch.Tensor, kwargs: dict, cache) -> DecodeCall | None:
         decode = getattr(cache, STATE_ATTRIBUTE, None)
-        if decode is None or not decode.changed:
+        if decode is None or not (decode.changed or decode.attention_skipped):
             return None  # a cache this driver did not prefill, or a prefill that kept everything: run stock
+        if not decode.changed:
+            return DecodeCall(positions=None, cache=cache, decode=decode)  # rows and positions are the stock ones
         batch, length = embeds.shape[:2]
         past = cache.get_seq_length(0)
         position_ids = self.family.decode_position_ids(kwargs.get("position_ids"), batch, length, past,
@@ -261,6 +270,8 @@ class Driver:
             return None
         self.last_report = call.report
         call.decode.changed = call.seq.changed
+        call.decode.attention_skipped = frozenset(
+            index for index, plan in call.plans.items() if plan is not None and plan.skip_attn and plan.attn_all_rows)
         if call.cache is not None:
             offset = call.seq.layouts[0].original_length - call.cache.get_seq_length(0)
             call.decode.position_offset = offset
@@ -304,10 +315,15 @@ class Driver:
         if not self.method.uses_layer_plan:
             return None
         plan = self.method.layer_plan(index, call.seq.layouts[0])
+        if plan is not None and plan.skip_attn and plan.attn_all_rows and self.changes_rows:
+            raise PruningInputError(f"layer {index}: an attention skip for every row (no KV-cache entry; layer skip "
+                                    "semantics 'seed') cannot be combined with token pruning")
         call.plans[index] = plan if plan is not None and not plan.is_identity else None
         return call.plans[index]
 
     def _decode_layer(self, index: int, call: DecodeCall, args, kwargs):
+        if not call.decode.changed:
+            return None  # every cache that holds keys has the full length: the stock masks and tables are right
         cache = call.cache
         hidden = args[0] if args else kwargs["hidden_states"]
         layer_length = cache.layers[index].get_seq_length() if index < len(cache.layers) else 0
