@@ -1,9 +1,8 @@
 """Layer skip ``semantics: seed`` (issue 15 item 4, done-when 4): the seed's modified Qwen2.5-VL decoder, its
 config.json keys (import / export), and the engine's robustness to a layer without KV-cache entries.
 
-The reference decoder is written here from the method card (§2.1, "Layer"), running the stock modules of the tiny
-Qwen2.5-VL by hand: embeddings and 3-D positions as the stock outer model hands them to its text model, then per
-layer the stock norms, attention (with a plain DynamicCache of its own) and MLP — never tokenprune's code.
+The reference decoder (``tests/seed_reference.py``) is written from the method card (§2.1, "Layer"), running the
+stock modules of the tiny Qwen2.5-VL by hand — never tokenprune's code.
 """
 
 import json
@@ -14,17 +13,16 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, tiny_vlm
+from seed_reference import DECODE_STEPS, SeedDecoder, reference_run, text_model_inputs  # noqa: F401
 from tokenprune.engine.cache import SkippedAttentionLayer
 from tokenprune.engine.compat import output_cache
 from tokenprune.engine.flops import DecoderShape, layer_flops
 from tokenprune.methods.layerskip import LayerSkip, SkipPolicy, export_seed_config
-from transformers.cache_utils import DynamicCache
 
 QWEN = "tiny_qwen25vl"
 # float32: the seed's masked MLP over all rows vs tokenprune's MLP over the gathered text rows, and SDPA over
 # different query/key shapes, round differently in the last bits; logits of these models are O(1).
 LOGITS = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
-DECODE_STEPS = 4
 
 POLICIES = {
     "mlp": dict(mlp=[4, 1], scalars={4: 0.5, 1: 1.25}),
@@ -33,87 +31,6 @@ POLICIES = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The reference: the seed's decoder layer loop, by hand
-# ---------------------------------------------------------------------------------------------------------
-def text_model_inputs(vlm, inputs):
-    """What the stock outer model hands its text model: ``inputs_embeds [1, L, d]``, ``position_ids [3, 1, L]``."""
-    text = vlm.model.model.language_model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"], seen["positions"] = kwargs["inputs_embeds"], kwargs["position_ids"]
-
-    handle = text.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            vlm.model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    positions = seen["positions"]
-    return seen["embeds"], positions[-3:] if positions.shape[0] == 4 else positions
-
-
-class SeedDecoder:
-    """The seed's Qwen2.5-VL decoder (card §2.1): ``policy`` = dict(mlp, attn, scalars with string keys)."""
-
-    def __init__(self, vlm, mlp=(), attn=(), scalars=None):
-        self.model = vlm.model
-        self.text = vlm.model.model.language_model
-        self.mlp, self.attn = set(mlp), set(attn)
-        self.scalars = {str(layer): value for layer, value in (scalars or {}).items()}  # looked up as strings
-        self.cache = DynamicCache()  # grows one entry per layer that runs its attention
-        self.next_position = None
-
-    def _layers(self, h, positions, text_rows):
-        """``h [1, n, d]``; ``text_rows`` ``[1, n, 1]`` (prefill: 1 on non-image rows) or None (decode)."""
-        cos_sin = self.text.rotary_emb(h, positions)
-        for index, layer in enumerate(self.text.layers):
-            if index not in self.attn:  # a skipped attention: no norm, no projections, no cache entry
-                attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=None,
-                                               position_embeddings=cos_sin, cache=self.cache)
-                h = h + attention
-            u = h
-            if index in self.mlp and text_rows is not None:  # prefill: every row scaled, MLP on text rows only
-                h = u * self.scalars.get(str(index), 1.0) + layer.mlp(layer.post_attention_layernorm(u)) * text_rows
-            else:  # no skip, or decoding: the full MLP, no scalar
-                h = u + layer.mlp(layer.post_attention_layernorm(u))
-        return self.model.lm_head(self.text.norm(h))[0]
-
-    def prefill(self, vlm, inputs) -> torch.Tensor:
-        """Logits ``[L, V]`` of the prompt. The seed's mask: image pads (and vision pads) are visual, all else text."""
-        embeds, positions = text_model_inputs(vlm, inputs)
-        config = self.model.config
-        ids = inputs["input_ids"]
-        text_rows = ((ids != config.image_token_id) & (ids != vision_pad_id(vlm)))[..., None].to(embeds.dtype)
-        self.next_position = int(positions.max()) + 1  # the stock rule: cache length + rope_deltas
-        with torch.no_grad():
-            return self._layers(embeds, positions, text_rows)
-
-    def step(self, token: int) -> torch.Tensor:
-        """Logits ``[V]`` of one decoding step."""
-        h = self.text.embed_tokens(torch.tensor([[token]]))
-        positions = torch.full((3, 1, 1), self.next_position)
-        self.next_position += 1
-        with torch.no_grad():
-            return self._layers(h, positions, None)[-1]
-
-
-def vision_pad_id(vlm) -> int:
-    return vlm.processor.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
-
-
-def reference_run(vlm, inputs, policy, steps=DECODE_STEPS):
-    """Prefill logits ``[L, V]``, the greedy tokens and the logits ``[steps, V]`` of the cached decoding steps."""
-    decoder = SeedDecoder(vlm, **policy)
-    prefill = decoder.prefill(vlm, inputs)
-    tokens, logits = [int(prefill[-1].argmax())], []
-    for _ in range(steps):
-        logits.append(decoder.step(tokens[-1]))
-        tokens.append(int(logits[-1].argmax()))
-    return prefill, tokens, torch.stack(logits)
 
 
 def tokenprune_run(vlm, inputs, method, tokens):
