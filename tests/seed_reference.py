@@ -26,8 +26,10 @@ def text_model_inputs(vlm, inputs):
             vlm.model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    positions = seen["positions"]
-    return seen["embeds"], positions[-3:] if positions.shape[0] == 4 else positions
+    embeds, positions = seen["embeds"], seen["positions"]
+    if positions is None:  # a text-only prompt: the text model counts 0..L-1 on all three axes
+        return embeds, torch.arange(embeds.shape[1])[None, None].expand(3, 1, -1)
+    return embeds, positions[-3:] if positions.shape[0] == 4 else positions
 
 
 class SeedDecoder:

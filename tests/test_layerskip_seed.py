@@ -42,7 +42,7 @@ def tokenprune_run(vlm, inputs, method, tokens):
             step = vlm.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
             logits.append(step.logits[0, -1])
             cache = output_cache(step)
-    return out.logits[0], torch.stack(logits), cache
+    return out.logits[0], torch.stack(logits) if logits else None, cache
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,3 +227,26 @@ def test_an_attention_skip_for_every_row_is_refused_with_token_pruning():
     with torch.no_grad(), tp.apply(vlm.model, method):
         with pytest.raises(tp.engine.contract.PruningInputError, match="cannot be combined with token pruning"):
             vlm.model(**vlm.prepare(make_sample(44)))
+
+
+def test_a_text_only_prompt_still_runs_the_seeds_decoder():
+    """The seed's mask is all text then: every row is scaled and runs the MLP, the attention is skipped."""
+    vlm = tiny_vlm(QWEN)
+    inputs = vlm.prepare(tp.Sample(id="t", question="what colour is the square ?"))
+    assert inputs.layout.num_visual == 0
+    policy = POLICIES["mixed"]
+    prefill, tokens, decode = reference_run(vlm, inputs, policy)
+    with pytest.warns(UserWarning, match="no visual tokens; nothing is pruned"):
+        got_prefill, _, _ = tokenprune_run(vlm, inputs, LayerSkip(**policy, semantics="seed"), tokens[:1])
+        with torch.no_grad(), tp.apply(vlm.model, LayerSkip(**policy, semantics="seed")):
+            out = vlm.model.generate(**inputs, max_new_tokens=DECODE_STEPS + 1, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(got_prefill, prefill, **LOGITS)
+    assert out.sequences[0, inputs["input_ids"].shape[1]:].tolist() == tokens
+    torch.testing.assert_close(torch.cat(out.logits), torch.cat([prefill[-1:], decode]), **LOGITS)
+    shape = DecoderShape.from_config(vlm.adapter.text_config(vlm.model))
+    with torch.no_grad(), tp.apply(vlm.model, LayerSkip(**policy, semantics="seed")) as session:
+        vlm.model(**inputs)
+    report = session.last_report
+    assert sorted(report.layer_plans) == [0, 2, 4, 5] and report.layer_tokens == [inputs.layout.length] * 6
+    assert report.flops(shape) < shape.layers * layer_flops(shape, inputs.layout.length)  # the skipped attentions

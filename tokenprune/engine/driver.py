@@ -193,9 +193,11 @@ class Driver:
         if call.cache is not None:
             setattr(call.cache, STATE_ATTRIBUTE, call.decode)
         if all(layout.num_visual == 0 for layout in seq.layouts):
-            warnings.warn(f"method {self.method.name!r}: the input has no visual tokens; running it unpruned",
+            # nothing to prune; the layers still report (a layer plan acting on text rows too, as the seed's
+            # layer skip does, runs and is counted)
+            warnings.warn(f"method {self.method.name!r}: the input has no visual tokens; nothing is pruned",
                           stacklevel=2)
-            call.report.record_unpruned(seq.layouts[0], len(self.layers))
+            call.report.tokens_entering_decoder, call.report.visual_entering_decoder = length, 0
             return call
         if self.changes_rows:
             _refuse_padding(kwargs.get("attention_mask"), batch)
