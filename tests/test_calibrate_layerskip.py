@@ -350,8 +350,9 @@ def test_cli_prints_the_policy_and_writes_a_loadable_file(tmp_path, capsys):
     assert code == 0
     assert "Skipped MLPs: [" in printed and "Skipped Attns: [" in printed and "Final Score" in printed
     data = json.loads(output.read_text())
-    assert set(data) == {"skip_layer_mlp", "skip_layer_attn", "mlp_scalars", "attn_scalars", "score", "cost",
-                         "calibration"}
+    assert set(data) == {"skip_layer_mlp", "skip_layer_attn", "mlp_scalars", "attn_scalars", "semantics", "score",
+                         "cost", "calibration"}
+    assert data["semantics"] == "visual" and data["calibration"]["objective"] == "reference"
     meta = data["calibration"]
     assert meta["split"] == "train" and all(i.startswith("train-") for i in meta["sample_ids"])  # disjoint from test
     assert meta["n_samples"] == 2 and meta["answer_tokens"] == 3 and meta["budget"] == 1.5 and meta["beam_width"] == 1

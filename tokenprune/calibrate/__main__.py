@@ -4,6 +4,10 @@
         dataset=synthetic_image n_samples=20 beam_width=1 budget=9
 
 Overrides use Hydra syntax over ``tokenprune/conf/calibrate.yaml`` and the ``model/`` and ``dataset/`` groups.
+
+Layer skip only: ``--export-seed-config PATH`` also writes the searched policy as the seed's config.json keys
+(``skip_layer_mlp``, ``skip_layer_attn``, ``mlp_scalars``; an existing JSON object at PATH, e.g. a checkpoint's
+config.json, keeps its other keys); with ``--policy FILE`` it converts an existing policy file without searching.
 """
 
 from __future__ import annotations
@@ -19,10 +23,31 @@ from . import layerskip
 
 # search name -> (primary config in tokenprune/conf, runner taking the composed config)
 SEARCHES = {"layerskip": ("calibrate", layerskip.run_from_config)}
-USAGE = ("usage: python -m tokenprune.calibrate <search> [key=value ...]\n"
+USAGE = ("usage: python -m tokenprune.calibrate <search> [key=value ...] [--export-seed-config PATH [--policy FILE]]\n"
          f"searches: {', '.join(SEARCHES)}\n"
          "example: python -m tokenprune.calibrate layerskip model=tiny_llava dataset=synthetic_image "
-         "n_samples=20 beam_width=1 budget=4")
+         "n_samples=20 beam_width=1 budget=4\n"
+         "the seed's search and config: python -m tokenprune.calibrate layerskip model=qwen25vl_7b objective=seed "
+         "budget=9 --export-seed-config /models/Qwen2.5-VL-7B-seed/config.json")
+FLAGS = ("--export-seed-config", "--policy")  # layer skip: seed config.json export / conversion of a policy file
+
+
+def pop_flags(argv: list[str]) -> dict[str, str]:
+    """Remove ``--flag VALUE`` / ``--flag=VALUE`` of ``FLAGS`` from ``argv``; ``{"export_seed_config": ...}``."""
+    flags, rest = {}, []
+    arguments = iter(argv)
+    for argument in arguments:
+        name, equals, value = argument.partition("=")
+        if name not in FLAGS:
+            rest.append(argument)
+            continue
+        if not equals:
+            value = next(arguments, None)
+            if value is None or value.startswith("--"):
+                raise ValueError(f"{name} needs a path")
+        flags[name.removeprefix("--").replace("-", "_")] = value
+    argv[:] = rest
+    return flags
 
 
 HELP_FLAGS = ("-h", "--help")
@@ -53,9 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         print(search_help(name, config_name))
         return 0
     try:
+        flags = pop_flags(overrides)
+        if "policy" in flags:
+            if "export_seed_config" not in flags or overrides:
+                raise ValueError("--policy FILE converts a policy file: give it with --export-seed-config PATH only "
+                                 "(no search settings)")
+            print(layerskip.convert_to_seed_config(flags["policy"], flags["export_seed_config"]))
+            return 0
         with initialize_config_module(config_module="tokenprune.conf", version_base=None):
             cfg = compose(config_name=config_name, overrides=overrides)
-        run(cfg)
+        run(cfg, **flags)
     except (ValueError, HydraException, OmegaConfBaseException) as error:  # bad configuration: a clear message
         print(f"error: {error}", file=sys.stderr)
         return 2
