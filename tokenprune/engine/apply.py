@@ -48,14 +48,32 @@ def apply(model, method):
     method.validate(family.model_info(model))
     if getattr(model, INSTALLED_ATTRIBUTE, None) is not None:
         raise RuntimeError("a tokenprune method is already applied to this model; nest Compose([...]) instead")
-    if method.is_noop:
-        yield Session(method, None)
-        return
-    driver = Driver(model, family, method)
-    setattr(model, INSTALLED_ATTRIBUTE, driver)
+    vision_hook = _resized_vision_call(family, model) if method.uses_before_processor else None
     try:
-        driver.install()
-        yield Session(method, driver)
+        if method.is_noop:
+            yield Session(method, None)
+            return
+        driver = Driver(model, family, method)
+        setattr(model, INSTALLED_ATTRIBUTE, driver)
+        try:
+            driver.install()
+            yield Session(method, driver)
+        finally:
+            driver.remove()
+            setattr(model, INSTALLED_ATTRIBUTE, None)
     finally:
-        driver.remove()
-        setattr(model, INSTALLED_ATTRIBUTE, None)
+        if vision_hook is not None:
+            vision_hook.remove()
+
+
+def _resized_vision_call(family, model):
+    """A method that changes the input resolution (``before_processor``): the vision encoder gets the family's
+    ``resized_vision_kwargs`` on every call (None when the family needs none)."""
+    extra = dict(family.resized_vision_kwargs)
+    if not extra:
+        return None
+
+    def add_kwargs(module, args, kwargs):
+        return args, {**kwargs, **extra}
+
+    return family.vision_model(model).register_forward_pre_hook(add_kwargs, with_kwargs=True)

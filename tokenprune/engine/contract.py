@@ -12,6 +12,8 @@ This module is a leaf: it imports nothing else of tokenprune (``tests/test_layer
   (``MergedRows``); the engine applies it in one place (``Reduction.rows`` / ``positions`` / ``layout``).
 * ``LayerPlan``: per-layer compute for visual rows (layer skip).
 * ``ModelInfo``: what a method may check its fields against before any model work.
+* ``VisualInputs`` (with ``FixedGeometry`` / ``DynamicGeometry``): a sample's images / video before the family's
+  processor, for ``before_processor`` (methods that change the input resolution, e.g. downsampling).
 * ``PruningInputError`` / ``ModelInputError``: inputs the engine cannot prune exactly / a family cannot prepare.
 
 Old names (``VisualSequence``, ``LayerStep``, ``Selection``) stay importable as aliases.
@@ -223,6 +225,61 @@ class ModelInfo:
     hidden_size: int = 0
     family: str = ""
     reindex_positions: bool = False  # capability: contiguous re-indexing of the survivors' positions is defined
+    side_inputs: bool = False  # the family adds per-row side inputs between layers (merged with a reduction's weights)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Visual inputs before the processor (methods that change the input resolution)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedGeometry:
+    """A fixed square encoder input: every image becomes ``image_size`` px, ``(image_size / patch_size)²`` tokens
+    (e.g. a CLIP tower at 336 px with 14 px patches: 24 × 24)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+
+    @property
+    def side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class DynamicGeometry:
+    """Dynamic resolution: images resized to multiples of ``patch_size · merge_size`` px within ``[min_pixels,
+    max_pixels]`` (aspect kept), one LLM token per ``factor²`` px (e.g. 14 px patches merged 2 × 2); video frames
+    grouped by ``temporal_patch_size``."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    temporal_patch_size: int = 2
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+@dataclass
+class VisualInputs:
+    """One sample's visual inputs before the family's processor, for ``before_processor``.
+
+    ``images``: PIL images in prompt order; ``video``: ``[n, 3, H, W]`` float frames (0-255) already sized by the
+    family to its token grid (the processor does not resize them again), or None; ``geometry``: how the family's
+    encoder turns pixels into LLM tokens (``FixedGeometry`` / ``DynamicGeometry``; None: the family defines none, so
+    resolution methods refuse it); ``processor_kwargs``: extra keyword arguments of the processor call; ``stats``:
+    numbers to report (e.g. ``native_visual_tokens``: the tokens the unchanged input would give).
+    ``before_processor`` returns a new ``VisualInputs`` (or None: unchanged). While a method with this hook is applied,
+    the engine calls the vision encoder with the family's ``resized_vision_kwargs`` (a fixed-geometry encoder then
+    interpolates its position table; exact at the native size).
+    """
+
+    images: list
+    video: torch.Tensor | None = None
+    geometry: FixedGeometry | DynamicGeometry | None = None
+    processor_kwargs: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,6 +374,9 @@ class Reduction:
     (not with merged rows: an earlier layer has no keys for them).
     ``reindex_positions``: number the new sequence's positions contiguously from here on (where the model family
     defines it: ``ModelInfo.reindex_positions``).
+    ``sequence_positions``: ``[P, L']`` int64, the positions of every row of the new sequence, given (they replace
+    the kept rows' own and the merged rows' rule; e.g. pooled grids numbered as a native image of the pooled size,
+    with the text after them shifted); decoding continues after their maximum, from this layer on.
     ``meta``: layout annotations to set on the new layout (e.g. PruneVid's stage-1 parts).
     """
 
@@ -325,6 +385,7 @@ class Reduction:
     prune_cache_before: bool = False
     reindex_positions: bool = False
     meta: dict | None = None
+    sequence_positions: torch.Tensor | None = None
 
     @property
     def indices(self) -> torch.Tensor:
@@ -336,7 +397,8 @@ class Reduction:
 
     def keeps_everything(self, length: int) -> bool:
         """True when the new sequence is the current one (no host read: counts are known on the host)."""
-        return self.merged is None and self.keep.numel() == length and not self.reindex_positions and not self.meta
+        return (self.merged is None and self.keep.numel() == length and not self.reindex_positions and not self.meta
+                and self.sequence_positions is None)
 
     # ------------------------------------------------------------------ applying it (one sample)
     def order(self, length: int) -> torch.Tensor | None:
@@ -363,7 +425,10 @@ class Reduction:
         return self.rows(x, 0, None if self.merged is None else self.merged.values)
 
     def positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary positions ``[P, L]`` → ``[P, L']`` (merged rows by ``MergedRows.positions``)."""
+        """Rotary positions ``[P, L]`` → ``[P, L']`` (merged rows by ``MergedRows.positions``; all rows given by
+        ``sequence_positions`` when set)."""
+        if self.sequence_positions is not None:
+            return self.sequence_positions.to(positions.device, positions.dtype)
         if self.merged is None:
             return positions[:, self.keep]
         return self.rows(positions, 1, self.merged.merged_positions(positions))
@@ -387,6 +452,10 @@ class Reduction:
         checks = []
         if rows.numel():
             checks += [(rows.min() >= 0) & (rows.max() < length), (rows[1:] > rows[:-1]).all()]
+        given = self.sequence_positions
+        if given is not None and (given.dim() != 2 or given.dtype != torch.int64 or given.shape[1] != self.new_length()):
+            raise ValueError(f"{who} {where}: sequence_positions must be [P, {self.new_length()}] int64 (one column per "
+                             f"row of the new sequence), got {tuple(given.shape)} {given.dtype}")
         merged = self.merged
         if merged is not None:
             if self.prune_cache_before:
@@ -473,7 +542,8 @@ class DecoderInput:
     ``embeds``: ``[1, L, d]``; ``positions``: ``[1, P, L]`` rotary positions (P = 1 for 1-D RoPE, 3 for 3-D
     rotary positions); ``layout``: the sample's TokenLayout; ``side``: per-row side inputs ``{layer: [1, L, d]}`` that the
     engine adds to the input of ``layer`` (zero rows where a row has none; read-only, the engine merges them with
-    a reduction's weights); ``stats``: numbers the method reports (segments, ...).
+    a reduction's weights); ``stats``: numbers the method reports (segments, ...); ``model``: the model's
+    ``ModelInfo`` (capabilities such as ``reindex_positions``).
     ``before_llm`` returns a ``Reduction`` of this sequence (or None: unchanged).
     """
 
@@ -482,6 +552,7 @@ class DecoderInput:
     layout: TokenLayout
     stats: dict = field(default_factory=dict)
     side: dict = field(default_factory=dict)
+    model: ModelInfo | None = None
 
     def reduced(self, reduction: "Reduction | None") -> "DecoderInput":
         """This sequence after ``reduction`` (what the engine hands the decoder; for inspection and tests)."""
@@ -489,7 +560,7 @@ class DecoderInput:
             return self
         side = {layer: reduction.rows(values[0], 0)[None] for layer, values in self.side.items()}
         return DecoderInput(reduction.hidden(self.embeds[0])[None], reduction.positions(self.positions[0])[None],
-                            reduction.layout(self.layout), stats=self.stats, side=side)
+                            reduction.layout(self.layout), stats=self.stats, side=side, model=self.model)
 
 
 VisualSequence = DecoderInput  # the first engine's name (it always held the text rows too)
@@ -501,17 +572,48 @@ class PrefillStep:
     ``hidden``: ``[1, L, d]`` the hidden states entering ``layer`` (side inputs of that layer already added);
     ``positions``: ``[1, P, L]``; ``layout``: the current TokenLayout. ``attention(...)`` computes attention
     probabilities lazily from a layer's own projections (the family's attention math), for the needed query rows
-    only. Decoding steps never call ``select``.
+    only. ``model``: the model's ``ModelInfo``. Also lazily, for methods that need them: ``keys(layer)`` (a layer's
+    post-RoPE keys), ``final_norm(x)`` (the text model's final norm) and ``decoder_input`` (the sequence that entered
+    the first decoder layer). Decoding steps never call ``select``.
     """
 
     def __init__(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, layout: TokenLayout,
-                 scorer: Callable[..., torch.Tensor], stats: dict):
+                 scorer: Callable[..., torch.Tensor], stats: dict, model: ModelInfo | None = None, *,
+                 keys: Callable[[int], torch.Tensor] | None = None,
+                 final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 decoder_input: Callable[[], DecoderInput] | None = None):
         self.layer = layer
         self.hidden = hidden
         self.positions = positions
         self.layout = layout
         self._scorer = scorer
         self.stats = stats
+        self.model = model
+        self._keys = keys
+        self._final_norm = final_norm
+        self._decoder_input = decoder_input
+
+    def keys(self, layer: int | None = None) -> torch.Tensor:
+        """``[H_kv, L, d_h]`` post-RoPE keys of every current row in ``layer`` (``self.layer - 1`` or ``self.layer``),
+        KV heads not repeated: read from that layer's KV cache when it holds exactly these rows, else recomputed from
+        its own input norm and key projection (the family's attention math)."""
+        if self._keys is None:
+            raise ValueError("this PrefillStep has no keys (built outside the engine)")
+        return self._keys(self.layer if layer is None else layer)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The text model's final norm (the one before the LM head, with its weight) applied to ``x`` ``[..., d]``."""
+        if self._final_norm is None:
+            raise ValueError("this PrefillStep has no final norm (built outside the engine)")
+        return self._final_norm(x)
+
+    @property
+    def decoder_input(self) -> DecoderInput:
+        """The sequence that entered the first decoder layer in this prefill (after ``before_llm`` reductions):
+        embeddings ``[1, L0, d]``, positions and layout (e.g. SparseVLM's raters read the input embeddings)."""
+        if self._decoder_input is None:
+            raise ValueError("this PrefillStep has no decoder input (built outside the engine)")
+        return self._decoder_input()
 
     def attention(self, layer: int | None = None, queries: str | torch.Tensor = "last",
                   keys: str | torch.Tensor = "visual", rope: bool = True, causal: bool = True, heads: str = "mean",

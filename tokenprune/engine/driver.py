@@ -75,6 +75,7 @@ class PrefillCall:
     ledger: CacheLedger = field(default_factory=CacheLedger)
     plans: dict = field(default_factory=dict)
     reduced_at: int | None = None  # the layer whose input a reduction changed last (-1: before the decoder)
+    decoder_input: tuple | None = None  # (hidden, positions, layouts) entering layer 0 (references, no copies)
 
 
 @dataclass
@@ -112,6 +113,8 @@ class Driver:
         self.text_model = family.text_model(model)
         self.layers = family.layers(model)
         self.attention = [family.attention_math(layer) for layer in self.layers]
+        self.final_norm = family.final_norm(model)
+        self.info = family.model_info(model)
         self.config = self.text_model.config
         self.changes_rows = method.uses_before_llm or method.uses_prune_layers
         self._handles: list = []
@@ -207,6 +210,7 @@ class Driver:
             self._before_llm(call, reducer)
         if call.seq.changed:
             self._hand_over_to_stock_loop(call.seq, kwargs)
+        call.decoder_input = (call.seq.hidden, call.seq.positions, call.seq.layouts)
         if self.method.uses_prune_layers:
             layers = [layer for layer in self.method.prune_layers(call.seq.layouts[0]) if 0 <= layer < len(self.layers)]
             call.select_layers = frozenset(layers)
@@ -232,7 +236,8 @@ class Driver:
             reductions = []
             for b, layout in enumerate(seq.layouts):
                 sample = DecoderInput(seq.hidden[b : b + 1], seq.positions[b : b + 1], layout, call.report.stats,
-                                      side={layer: values[b : b + 1] for layer, values in seq.side.items()})
+                                      side={layer: values[b : b + 1] for layer, values in seq.side.items()},
+                                      model=self.info)
                 reduction = reducer.before_llm(sample) if layout.num_visual else None
                 if reduction is not None:
                     reduction.check(layout.length, f"{reducer.name}.before_llm", "before the decoder")
@@ -363,24 +368,37 @@ class Driver:
         previous = None if seq.previous is None else seq.previous[b : b + 1]
         unreduced = call.reduced_at != index  # the rows are still those layer index - 1 saw and cached
 
-        def scorer(layer, queries, keys, rope, causal, heads, reduce):
+        def source_of(layer: int, what: str):
+            """The input of ``layer`` (this layer's or the one below's) and its cached post-RoPE keys, if usable."""
             if layer == index:
-                source, keys_cached = hidden, None
-            elif layer == index - 1 and previous is not None:
-                source = previous
+                return hidden, None
+            if layer == index - 1 and previous is not None:
                 # layer index - 1 cached exactly these rows' keys (after RoPE) unless a reduction ran since
-                keys_cached = cached_keys(call.cache, layer, b, previous.shape[1]) if rope and unreduced else None
-            else:
-                raise ValueError(f"step.attention(layer={layer}) at layer {index}: scores can come from layer "
-                                 f"{index} or {index - 1} (the layer just below the selection)")
+                return previous, cached_keys(call.cache, layer, b, previous.shape[1]) if unreduced else None
+            raise ValueError(f"step.{what}(layer={layer}) at layer {index}: it can come from layer {index} or "
+                             f"{index - 1} (the layer just below the selection)")
+
+        def scorer(layer, queries, keys, rope, causal, heads, reduce):
+            source, keys_cached = source_of(layer, "attention")
             math = self.attention[layer]
             q = project_queries(math, source, queries, *tables, rope=rope)
-            k = keys_cached if keys_cached is not None else project_keys(math, source, *tables, rope=rope)
+            k = keys_cached if keys_cached is not None and rope else project_keys(math, source, *tables, rope=rope)
             probs = attention_probabilities(q, k, queries, keys, math.scaling, causal=causal, heads=heads,
                                             reduce=reduce, chunk_bytes=self._score_budget(source))
             return probs[0]
 
-        return PrefillStep(index, hidden, positions, seq.layouts[b], scorer, call.report.stats)
+        def keys_of(layer: int) -> torch.Tensor:
+            source, keys_cached = source_of(layer, "keys")
+            keys = keys_cached if keys_cached is not None else project_keys(self.attention[layer], source, *tables,
+                                                                             rope=True)
+            return keys[0]  # [KVH, L, hd]
+
+        def decoder_input() -> DecoderInput:
+            embeds, entering, layouts = call.decoder_input
+            return DecoderInput(embeds[b : b + 1], entering[b : b + 1], layouts[b], call.report.stats, model=self.info)
+
+        return PrefillStep(index, hidden, positions, seq.layouts[b], scorer, call.report.stats, model=self.info,
+                           keys=keys_of, final_norm=self.final_norm, decoder_input=decoder_input)
 
     def _score_budget(self, hidden: torch.Tensor) -> int:
         """Bytes of one score block: the size of the layer's own MLP activation for this sequence, so scoring
@@ -401,6 +419,8 @@ class Driver:
                                                                                           positions))
         if any(r.reindex_positions for r in reductions):
             self._reindex_positions(index, new, call.decode)
+        if any(r.sequence_positions is not None for r in reductions):
+            self._given_positions(index, seq.positions, new.positions, call.decode)
         if any(r.prune_cache_before for r in reductions) and call.cache is not None:
             rows = torch.stack([r.keep for r in reductions])
             call.ledger.prune_below(call.cache, index, rows, entering, new.layouts)
@@ -422,6 +442,16 @@ class Driver:
         shift = seq.length - seq.layouts[0].original_length
         for layer in range(index, len(self.layers)):
             decode.layer_position_shift[layer] = shift
+
+    def _given_positions(self, index: int, before: torch.Tensor, after: torch.Tensor, decode: DecodeState) -> None:
+        """A reduction gave every row's positions: decoding continues after their maximum from layer ``index`` on
+        (the rotary tables of decode steps there shift by the change of the maximum)."""
+        change = (after.amax(dim=(1, 2)) - before.amax(dim=(1, 2))).tolist()  # [B]
+        if len(set(change)) != 1:
+            raise PruningInputError("the samples of this batch were given positions that continue differently; run "
+                                    "them with batch size 1")
+        for layer in range(index, len(self.layers)):
+            decode.layer_position_shift[layer] = decode.layer_position_shift.get(layer, 0) + int(change[0])
 
     def _prefill_masks(self, hidden: torch.Tensor) -> dict:
         """Masks of a shortened prefill, built without the partly filled cache (its length is not the rows')."""

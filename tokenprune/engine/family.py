@@ -6,7 +6,8 @@ the engine finds it by the model's class (``family_for``) and never imports ``to
 has a default that is right for a Llama decoder with 1-D RoPE and one image grid, so a family overrides only
 what differs (``docs/adding_a_model_family.md``):
 
-* structure: ``outer_model`` (receives ``input_ids`` and calls the decoder), ``text_model``, ``layers``;
+* structure: ``outer_model`` (receives ``input_ids`` and calls the decoder), ``text_model``, ``layers``,
+  ``final_norm``, ``vision_model`` (and ``resized_vision_kwargs``: its call arguments for a resized input);
 * layout: ``visual_specs`` from the outer model's captured inputs (``capture_keys``), rebuilt at every call;
 * RoPE: ``positions`` (``[B, P, L]`` from what the stock model got), ``rotary`` (tables for any rows),
   ``stock_position_ids`` (what the stock loop gets after a pre-LLM change), ``decode_position_ids``,
@@ -48,6 +49,14 @@ class FamilySpec(ABC):
 
     def layers(self, model) -> list:
         return list(self.text_model(model).layers)
+
+    def final_norm(self, model):
+        """The text model's final norm (before the LM head): ``PrefillStep.final_norm``."""
+        return self.text_model(model).norm
+
+    def vision_model(self, model):
+        """The vision encoder (timed separately; receives ``resized_vision_kwargs``)."""
+        return model.model.vision_tower
 
     def text_config(self, model):
         return self.text_model(model).config
@@ -96,6 +105,10 @@ class FamilySpec(ABC):
     def attention_math(self, layer) -> AttentionMath:
         return AttentionMath(layer)
 
+    # keyword arguments the vision encoder needs for an input whose resolution a method changed
+    # (``VisualInputs.resized``); the engine adds them to its calls while such a method is applied. Default: none.
+    resized_vision_kwargs: dict = {}
+
     def side_inputs(self, model, text_kwargs: dict, embeds: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-row tensors the stock decoder loop would add between layers, popped from the text model's kwargs:
         ``{layer: [B, L, d]}`` added by the engine to the input of ``layer`` (zero rows where a row has none), before
@@ -108,7 +121,8 @@ class FamilySpec(ABC):
     def model_info(self, model) -> ModelInfo:
         config = self.text_config(model)
         return ModelInfo(num_layers=config.num_hidden_layers, rope=self.rope_name, hidden_size=config.hidden_size,
-                         family=self.family, reindex_positions=self.reindex_positions)
+                         family=self.family, reindex_positions=self.reindex_positions,
+                         side_inputs=type(self).side_inputs is not FamilySpec.side_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------

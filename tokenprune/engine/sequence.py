@@ -71,14 +71,14 @@ class PrefillSequence:
 
     def reduce(self, reductions: list[Reduction], rotary: Callable) -> "PrefillSequence":
         """The sequence after one ``Reduction`` per sample (equal new lengths). Kept rows only: one batched gather of
-        every tensor; merged rows: per sample by the reduction's rules, rotary tables recomputed by ``rotary(hidden,
-        positions)`` (the family's tables for any positions)."""
+        every tensor; merged rows or given positions: per sample by the reduction's rules, rotary tables recomputed by
+        ``rotary(hidden, positions)`` (the family's tables for any positions)."""
         lengths = {reduction.new_length() for reduction in reductions}
         if len(lengths) != 1:
             raise PruningInputError(f"the samples of this batch reduce to different lengths ({sorted(lengths)}); "
                                     "run them with batch size 1")
         layouts = [reduction.layout(layout) for reduction, layout in zip(reductions, self.layouts)]
-        if all(reduction.merged is None for reduction in reductions):
+        if all(reduction.merged is None and reduction.sequence_positions is None for reduction in reductions):
             return self.gather(torch.stack([reduction.keep for reduction in reductions]), layouts)
 
         def per_sample(x: torch.Tensor, apply) -> torch.Tensor:

@@ -9,6 +9,8 @@ A method is a dataclass. It overrides only the hooks it needs; the engine calls 
   and later ones hold only the new rows).
 * ``layer_plan(layer, layout) -> LayerPlan | None``: per-layer compute for visual rows (skip the attention
   and/or the MLP, with a scalar), prefill only.
+* ``before_processor(visuals: VisualInputs) -> VisualInputs | None``: change a sample's images / video before the
+  model family's processor (``vlm.prepare(sample, method)``; e.g. downsampling). Not a decoder hook.
 
 The types come from the engine's contract (``tokenprune/engine/contract.py``). Methods keep no state across
 calls: whatever a call needs lives in the engine's per-call state, which is dropped with the call's KV cache.
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from ..engine.contract import (DecoderInput, LayerPlan, LayerStep, MergedRows, ModelInfo, PrefillStep,  # noqa: F401
-                               Reduction, Selection, TokenLayout, VisualSequence)
+                               Reduction, Selection, TokenLayout, VisualInputs, VisualSequence)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,6 +50,9 @@ class Method:
     def layer_plan(self, layer: int, layout: TokenLayout) -> LayerPlan | None:
         return None
 
+    def before_processor(self, visuals: VisualInputs) -> VisualInputs | None:
+        return None
+
     # -- what the engine needs to know ------------------------------------------------------------------
     @property
     def uses_before_llm(self) -> bool:
@@ -63,7 +68,13 @@ class Method:
         return type(self).layer_plan is not Method.layer_plan
 
     @property
+    def uses_before_processor(self) -> bool:
+        """True when the method changes the preprocessing (inputs must be prepared with ``vlm.prepare(sample, m)``)."""
+        return type(self).before_processor is not Method.before_processor
+
+    @property
     def is_noop(self) -> bool:
+        """True when the method installs no decoder hook (``before_processor`` acts in ``prepare``)."""
         return not (self.uses_before_llm or self.uses_prune_layers or self.uses_layer_plan)
 
     def components(self) -> list["Method"]:
@@ -148,6 +159,27 @@ def check_layer(method: str, field_name: str, value, model: ModelInfo | None = N
     return value
 
 
+POSITIONS = ("auto", "keep", "reindex")
+
+
+def check_positions(method: str, value) -> None:
+    """``value`` must be one of ``POSITIONS`` (ValueError naming ``method.positions``)."""
+    check_choice(method, "positions", value, POSITIONS)
+
+
+def resolve_positions(method: str, value: str, official: str, model: ModelInfo) -> str:
+    """``keep`` or ``reindex`` for ``model``: ``auto`` is the method's ``official`` rule ("keep" or "reindex", its
+    official code's on 1-D RoPE) where the model's family defines contiguous re-indexing, else ``keep``;
+    ``reindex`` is refused where it is not defined (call this in ``validate``, before any model work)."""
+    check_positions(method, value)
+    if value == "auto":
+        return official if model.reindex_positions else "keep"
+    if value == "reindex" and not model.reindex_positions:
+        raise ValueError(f"{method}.positions='reindex' (contiguous re-numbering) is not defined for the "
+                         f"{model.family or 'this'} family ({model.rope}); use positions='auto' or 'keep'")
+    return value
+
+
 def keep_count(num_tokens: int, ratio: float, rounding: str) -> int:
     """Tokens kept out of ``num_tokens`` at ``ratio``: "round" (Python round, half to even) or "floor"."""
     count = round(num_tokens * ratio) if rounding == "round" else math.floor(num_tokens * ratio)
@@ -208,6 +240,13 @@ class Compose(Method):
     @property
     def uses_layer_plan(self) -> bool:
         return any(m.uses_layer_plan for m in self.methods)
+
+    def before_processor(self, visuals: VisualInputs) -> VisualInputs | None:
+        raise RuntimeError("Compose.before_processor is resolved per child (see components())")
+
+    @property
+    def uses_before_processor(self) -> bool:
+        return any(m.uses_before_processor for m in self.methods)
 
     def validate(self, model: ModelInfo) -> None:
         for method in self.methods:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from ..data.sample import Sample
-from ..engine.contract import ModelInfo, ModelInputError, TokenLayout  # noqa: F401  (ModelInputError: re-exported)
+from ..engine.contract import (DynamicGeometry, FixedGeometry, ModelInfo, ModelInputError,  # noqa: F401  (re-exported)
+                               TokenLayout, VisualInputs)
 from ..engine.family import FamilySpec, families, family_for, family_named, register_family
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -27,13 +28,18 @@ WEIGHTS = ("pretrained", "random")
 
 
 class Inputs(dict):
-    """Model inputs (``model(**inputs)`` / ``model.generate(**inputs)``) plus the sample's TokenLayout."""
+    """Model inputs (``model(**inputs)`` / ``model.generate(**inputs)``) plus the sample's TokenLayout and what a
+    method's ``before_processor`` reported (``stats``, e.g. ``native_visual_tokens``; empty without one)."""
 
     layout: TokenLayout
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats: dict = {}
+
     def to(self, device) -> "Inputs":
         moved = Inputs({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
-        moved.layout = self.layout
+        moved.layout, moved.stats = self.layout, dict(self.stats)
         return moved
 
 
@@ -47,10 +53,6 @@ class ModelAdapter(FamilySpec):
     def model_class(self) -> type:
         """The family's main stock class (``model_classes[0]``)."""
         return self.model_classes[0]
-
-    @abstractmethod
-    def vision_model(self, model):
-        """The vision encoder (timed separately: it dominates time-to-first-token on Qwen-VL models)."""
 
     def check_options(self, options: dict | None) -> dict:
         """Processor options ``{"image": {...}, "video": {...}}`` (``model.image.*``, ``model.video.*``): the ones that
@@ -112,8 +114,32 @@ class ModelAdapter(FamilySpec):
 
     # -- samples ----------------------------------------------------------------------------------------
     @abstractmethod
-    def prepare(self, processor, model, sample: Sample, options: dict | None = None) -> Inputs:
-        """Turn a sample into model inputs with the family's processor and chat template."""
+    def prepare(self, processor, model, sample: Sample, options: dict | None = None, method=None) -> Inputs:
+        """Turn a sample into model inputs with the family's processor and chat template; ``method``: a method whose
+        ``before_processor`` may change the images / video first (``visual_inputs``)."""
+
+    def input_geometry(self, processor, options: dict | None = None) -> FixedGeometry | DynamicGeometry | None:
+        """How the family's encoder turns pixels into LLM tokens, with the processor options applied (methods that
+        change the resolution plan with it). Default: None (undefined: such methods refuse the family)."""
+        return None
+
+    def visual_inputs(self, method, processor, options: dict | None, images: list,
+                      video: torch.Tensor | None = None) -> VisualInputs:
+        """A sample's loaded images / video after ``method``'s ``before_processor`` hooks (a Compose: each child's in
+        order); unchanged without ``method`` or hooks."""
+        visuals = VisualInputs(images=list(images), video=video)
+        parts = [] if method is None else [part for part in method.components() if part.uses_before_processor]
+        if parts:
+            visuals.geometry = self.input_geometry(processor, options)
+            for part in parts:
+                visuals = part.before_processor(visuals) or visuals
+        return visuals
+
+    @staticmethod
+    def finish(inputs: Inputs, visuals: VisualInputs) -> Inputs:
+        """Attach what ``before_processor`` reported to prepared inputs."""
+        inputs.stats = dict(visuals.stats)
+        return inputs
 
     def layout_of(self, model, inputs: dict) -> TokenLayout:
         """The TokenLayout of one prepared sample (what the engine will find at call time)."""
@@ -122,6 +148,13 @@ class ModelAdapter(FamilySpec):
 
 
 register_adapter = register_family  # a family class decorator (kept under its first name)
+
+
+def runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each maximal run of True in ``flags`` ``[L]``."""
+    padded = torch.nn.functional.pad(flags.long(), (1, 1))
+    edges = (padded[1:] - padded[:-1]).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
 
 
 def model_options(model_config: dict) -> dict:
@@ -191,10 +224,12 @@ class VLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prepare(self, sample: Sample) -> Inputs:
+    def prepare(self, sample: Sample, method=None) -> Inputs:
+        """Model inputs of ``sample``; ``method``: a method that changes the preprocessing (``before_processor``,
+        e.g. ``downsample``) prepares the images / video its way."""
         if self.processor is None:
             raise ModelInputError(f"model {self.name!r} was built without a processor; give model.path to one")
-        inputs = self.adapter.prepare(self.processor, self.model, sample, self.options)
+        inputs = self.adapter.prepare(self.processor, self.model, sample, self.options, method=method)
         return inputs.to(self.device)
 
     def info(self) -> ModelInfo:

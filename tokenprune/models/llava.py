@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from ..data.sample import Sample
-from ..engine.contract import ModelInputError, VisualSpec
-from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
+from ..engine.contract import FixedGeometry, ModelInputError, VisualSpec
+from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model, runs_of
 from .images import load_images
 
 # The llava-hf template, used when a checkpoint's processor carries none.
@@ -29,6 +30,9 @@ class LlavaAdapter(ModelAdapter):
     model_classes = (LlavaForConditionalGeneration,)
     tiny_model = "tiny_llava"
     rope_name = "1d"
+    # CLIP at another input size than its own (downsample: 14·g px) needs its position table interpolated; at the
+    # native size the interpolation returns the table itself, so the call is unchanged
+    resized_vision_kwargs = {"interpolate_pos_encoding": True}
 
     def vision_model(self, model):
         return model.model.vision_tower
@@ -44,30 +48,46 @@ class LlavaAdapter(ModelAdapter):
         return count, 1, count  # "full" keeps the CLS token: one row of side*side + 1 tokens
 
     def visual_specs(self, model, captured: dict) -> list[VisualSpec]:
+        """One grid per image, from the placeholders: each run of image tokens (the template separates images) holds
+        whole images of the config's size, or one square g × g image (an input resized by ``downsample``)."""
         config = model.config
         count, rows, cols = self.tokens_per_image(config)
         specs = []
         for row in captured["input_ids"]:
-            found = int((row == config.image_token_id).sum())
-            if found % count:
-                raise ModelInputError(f"{found} image tokens is not a multiple of {count} tokens per image")
-            specs.append(VisualSpec(image_token_id=config.image_token_id,
-                                    image_grids=tuple((1, rows, cols) for _ in range(found // count))))
+            grids = []
+            for start, stop in runs_of(row == config.image_token_id):
+                found = stop - start
+                side = math.isqrt(found)
+                if found % count == 0:
+                    grids += [(1, rows, cols)] * (found // count)
+                elif side * side == found and rows == cols:
+                    grids.append((1, side, side))
+                else:
+                    raise ModelInputError(f"a run of {found} image tokens is neither whole images of {count} tokens "
+                                          "nor one square grid")
+            specs.append(VisualSpec(image_token_id=config.image_token_id, image_grids=tuple(grids)))
         return specs
 
-    def prepare(self, processor, model, sample: Sample, options: dict | None = None) -> Inputs:
+    def input_geometry(self, processor, options: dict | None = None) -> FixedGeometry | None:
+        """CLIP's fixed square input (crop size, patch size); None where the CLS token is kept (``full``)."""
+        image = processor.image_processor
+        if getattr(processor, "vision_feature_select_strategy", "default") != "default":
+            return None
+        return FixedGeometry(image_size=image.crop_size["height"], patch_size=processor.patch_size)
+
+    def prepare(self, processor, model, sample: Sample, options: dict | None = None, method=None) -> Inputs:
         if sample.video is not None:
             raise ModelInputError("LLaVA-1.5 takes images, not video; use a Qwen2.5-VL model for video datasets")
-        images = load_images(sample.images)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": sample.question}]
+        visuals = self.visual_inputs(method, processor, options, load_images(sample.images))
+        content = [{"type": "image"} for _ in visuals.images] + [{"type": "text", "text": sample.question}]
         messages = [{"role": "user", "content": content}]
         template = None if getattr(processor, "chat_template", None) else LLAVA15_TEMPLATE
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                              chat_template=template)
-        encoded = processor(images=images or None, text=text, return_tensors="pt")
+        encoded = processor(images=visuals.images or None, text=text, return_tensors="pt", **visuals.processor_kwargs)
         inputs = Inputs(encoded)
         inputs.layout = self.layout_of(model, inputs)
-        return inputs
+        return self.finish(inputs, visuals)
 
     def tiny_config(self, layers: int = 6):
         from .zoo.tiny import tiny_llava_config

@@ -25,8 +25,8 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from ..data.sample import Sample, VideoFrames
-from ..engine.contract import ModelInputError, VisualSpec
-from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
+from ..engine.contract import DynamicGeometry, ModelInputError, VisualSpec
+from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model, runs_of
 from .images import load_images
 
 IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels")
@@ -145,7 +145,7 @@ class Qwen2VLAdapter(ModelAdapter):
             grids = {}
             for token_id in (config.image_token_id, config.video_token_id):
                 runs = []
-                for start, stop in _runs_of(row == token_id):
+                for start, stop in runs_of(row == token_id):
                     h, w = thw[1, b, start:stop], thw[2, b, start:stop]
                     runs.append((stop - start, int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1))
                 grids[token_id] = self.group_runs(runs, token_id == config.video_token_id, captured)
@@ -176,36 +176,46 @@ class Qwen2VLAdapter(ModelAdapter):
                              f"({size[edge]}): set model.image.{other} too")
         return {"images_kwargs": {"size": {"shortest_edge": low, "longest_edge": high}}}
 
+    def input_geometry(self, processor, options: dict | None = None) -> DynamicGeometry:
+        """The image processor's patch, merge and temporal sizes, and the pixel bounds ``prepare`` uses."""
+        image = processor.image_processor
+        bounds = self.image_kwargs(processor, self.check_options(options)).get("images_kwargs", {}).get("size")
+        size = bounds or image.size
+        return DynamicGeometry(patch_size=image.patch_size, merge_size=image.merge_size,
+                               min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
+                               temporal_patch_size=image.temporal_patch_size)
+
     # -- samples ----------------------------------------------------------------------------------------------
-    def prepare(self, processor, model, sample: Sample, options: dict | None = None) -> Inputs:
+    def prepare(self, processor, model, sample: Sample, options: dict | None = None, method=None) -> Inputs:
         options = self.check_options(options)
         content: list[dict] = []
         kwargs: dict = {}
-        frame_size = None
+        video, metadata = None, None
         vision = model.config.vision_config
         if sample.video is not None:
             if sample.images:
                 raise ModelInputError("a sample has either images or a video, not both")
             factor = vision.patch_size * vision.spatial_merge_size  # px per LLM token side
             video, metadata, video_item = self._load_video(sample.video, options["video"], factor)
-            frame_size = (len(video), *video.shape[-2:])
             content.append(video_item)
+        visuals = self.visual_inputs(method, processor, options, load_images(sample.images), video)
+        if visuals.video is not None:
             # the frames are already resized to the patch grid: a second resize by the processor would change them
-            kwargs.update(videos=[video], video_metadata=[metadata], do_resize=False, do_sample_frames=False)
-        images = load_images(sample.images)
-        content += [{"type": "image"} for _ in images]
+            kwargs.update(videos=[visuals.video], video_metadata=[metadata], do_resize=False, do_sample_frames=False)
+        content += [{"type": "image"} for _ in visuals.images]
         content.append({"type": "text", "text": sample.question})  # visual inputs before the question
         text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-        if images:
-            kwargs["images"] = images
+        if visuals.images:
+            kwargs["images"] = visuals.images
             kwargs.update(self.image_kwargs(processor, options))
-        encoded = processor(text=[text], return_tensors="pt", **kwargs)
-        if frame_size is not None:
+        encoded = processor(text=[text], return_tensors="pt", **{**kwargs, **visuals.processor_kwargs})
+        if visuals.video is not None:
+            frame_size = (len(visuals.video), *visuals.video.shape[-2:])
             _check_video_grid(encoded["video_grid_thw"][0].tolist(), frame_size, vision, sample)
         inputs = Inputs(encoded)
         inputs.layout = self.layout_of(model, inputs)
-        return inputs
+        return self.finish(inputs, visuals)
 
     def training_video_inputs(self, samples: list[Sample], video_options: dict | None = None) -> dict:
         """Processor kwargs for a batch of video samples (one video each), as ``prepare`` passes them."""
@@ -375,13 +385,6 @@ def _check_video_grid(grid: list[int], frame_size: tuple[int, int, int], vision,
     if grid != expected:
         raise ModelInputError(f"video of sample {sample.id}: the processor produced grid {grid} for {frames} frames "
                               f"of {height}x{width} px, expected {expected} (was it resized twice?)")
-
-
-def _runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each maximal run of True in ``flags`` ``[L]``."""
-    padded = torch.nn.functional.pad(flags.long(), (1, 1))
-    edges = (padded[1:] - padded[:-1]).nonzero().flatten().tolist()
-    return list(zip(edges[0::2], edges[1::2]))
 
 
 def _grid_iterator(grid_thw, merge: int):
