@@ -109,3 +109,49 @@ def current_rows(layout, kept_visual_originals) -> list[int]:
 def topk_original(scores: torch.Tensor, columns_original: list[int], k: int) -> set[int]:
     order = torch.argsort(scores, descending=True, stable=True)[:k]
     return {columns_original[i] for i in order.tolist()}
+
+
+def stock_prefill(vlm, inputs, layer: int) -> dict:
+    """The stock model's own prefill: ``hidden`` ``[1, L, d]`` entering decoder layer ``layer`` and its ``cache`` (keys
+    after RoPE, ``[1, KVH, L, hd]`` per layer) — independent of tokenprune's engine."""
+    from tokenprune.engine.compat import output_cache
+
+    captured = {}
+
+    def record(module, args, kwargs):
+        captured.setdefault("hidden", args[0] if args else kwargs["hidden_states"])
+
+    handle = vlm.adapter.layers(vlm.model)[layer].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = vlm.model(**inputs, use_cache=True)
+    finally:
+        handle.remove()
+    return {"hidden": captured["hidden"], "cache": output_cache(out)}
+
+
+class LayerSpy:
+    """Records what the stock decoder layer ``layer`` receives on every call (hidden rows and rotary tables)."""
+
+    def __init__(self, vlm, layer: int):
+        self.calls: list[dict] = []
+        module = vlm.adapter.layers(vlm.model)[layer]
+        self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.calls.append({"length": hidden.shape[1], "tables": tuple(t.clone() for t in kwargs["position_embeddings"])})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+def rotary_tables(vlm, positions: torch.Tensor):
+    """The text model's own rotary tables for ``positions`` ``[1, P, n]``."""
+    text_model = vlm.adapter.text_model(vlm.model)
+    hidden = torch.zeros(1, 1, text_model.config.hidden_size)
+    return vlm.adapter.rotary(text_model, hidden, positions)

@@ -1,8 +1,12 @@
-"""DART's pure algorithm (``tokenprune/methods/dart.py``) against the card (``shared/methods/dart.md`` §8: 1-5, 8).
+"""DART (``tokenprune/methods/dart.py``) against the card (``shared/methods/dart.md`` §8): the pure algorithm, then
+the method in the engine on every family.
 
 ``reference_dart`` transcribes the official ``get_retained_image_token`` with Python sets, lists and float64
-cosines, independent of the tensor implementation. Model-level checks (cache vs recomputed keys, the final
-norm vs layer K's norm, caches and positions) come with the engine wiring (phase 2).
+cosines, independent of the tensor implementation. In the engine: a budget that keeps everything gives the stock
+logits; the kept sets equal that reference fed from the stock model's own prefill (its layer-K input through the
+final norm, its KV cache's keys); keys from the cache equal recomputed keys; the final norm (not layer K's) is used;
+cache lengths, positions (original, or re-numbered where defined) and decode positions; cached decoding equals
+recomputing the frozen selection; the scopes.
 """
 
 import math
@@ -10,8 +14,17 @@ import math
 import pytest
 import torch
 
-from tokenprune.methods.dart import (DART, budget_per_pivot, dart_keep, duplication_keep, key_l1_norms,
-                                     official_per_pivot, scope_sets, top_rows, visit_order)
+import tokenprune as tp
+from conftest import make_image, make_sample, stock_logits, tiny_vlm
+from helpers import LayerSpy, Replay, forced_choice, forced_generation, prompt_so_far, rotary_tables, stock_prefill
+from tokenprune.engine.compat import output_cache
+from tokenprune.methods.base import ModelInfo, resolve_positions
+from tokenprune.methods.dart import (DART, OFFICIAL_POSITIONS, budget_per_pivot, dart_keep, duplication_keep,
+                                     key_l1_norms, official_per_pivot, scope_sets, top_rows, visit_order)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+LLAVA_INFO = ModelInfo(num_layers=32, rope="1d", family="llava", reindex_positions=True)
+QWEN_INFO = ModelInfo(num_layers=28, rope="mrope", family="qwen25vl", reindex_positions=False)
 
 
 def reference_dart(z, norms, visual, text, pivot_visual, pivot_text, per_visit):
@@ -179,9 +192,14 @@ def test_group_scope_keeps_pv_plus_p_c_per_group():
 
 def test_settings_defaults_and_validation():
     dart = DART()
-    assert dart.count_fields() == {"reduction_ratio": 0.778} and dart.position_rule("1d") == "keep"
+    rule = lambda m, info: resolve_positions("dart", m.positions, OFFICIAL_POSITIONS, info)  # noqa: E731
+    assert dart.count_fields() == {"reduction_ratio": 0.778} and rule(dart, LLAVA_INFO) == rule(dart, QWEN_INFO) == "keep"
     assert DART(keep=128).count_fields() == {"keep": 128} and DART(budget=0.25).count_fields() == {"budget": 0.25}
-    assert DART(positions="reindex").position_rule("1d") == "reindex"
+    assert rule(DART(positions="reindex"), LLAVA_INFO) == "reindex"
+    with pytest.raises(ValueError, match=r"dart\.positions='reindex' .* not defined for the qwen25vl family"):
+        DART(positions="reindex").validate(QWEN_INFO)
+    with pytest.raises(ValueError, match=r"dart\.layer=32 is out of range"):
+        DART(layer=32).validate(LLAVA_INFO)
     bad = [({"budget": 0}, r"dart\.budget must be"), ({"budget": 1.5}, r"dart\.budget must be"),
            ({"keep": -1}, r"dart\.keep must be"), ({"keep": True}, r"dart\.keep must be"),
            ({"reduction_ratio": 1.0}, r"dart\.reduction_ratio must be a number in \[0, 1\)"),
@@ -195,3 +213,172 @@ def test_settings_defaults_and_validation():
     for fields, message in bad:
         with pytest.raises(ValueError, match=message):
             DART(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In the engine, on every family (tiny random models, fp32)
+# ---------------------------------------------------------------------------------------------------------
+def run(vlm, inputs, **fields):
+    with torch.no_grad(), tp.apply(vlm.model, "dart", **fields) as session:
+        logits = vlm.model(**inputs).logits
+    return logits, session.last_report
+
+
+def test_keeping_everything_gives_the_stock_logits(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(31))
+    n = inputs.layout.num_visual
+    for fields in ({"keep": 10**6}, {"budget": 1.0}, {"budget": n, "scope": "group"}):  # the pool clamp: no error
+        logits, report = run(vlm, inputs, **fields)
+        assert report.layer_visual == [n] * len(report.layer_visual), fields
+        assert torch.equal(logits, stock_logits(vlm, inputs)), fields  # bitwise: nothing changed
+
+
+def reference_kept(vlm, inputs, layer: int, norm, counts) -> list[int]:
+    """The official loop on the stock model's own prefill: z = ``norm`` of layer ``layer``'s input, pivots by the L1
+    norms of layer ``layer - 1``'s cached (post-RoPE) keys."""
+    stock = stock_prefill(vlm, inputs, layer)
+    with torch.no_grad():
+        z = norm(stock["hidden"])[0]
+    keys = stock["cache"].layers[layer - 1].keys[0]  # [KVH, L, hd]
+    norms = keys.double().abs().sum(dim=(0, 2))
+    layout = inputs.layout
+    return reference_dart(z, norms, layout.visual_rows().tolist(), layout.text_after_visual_rows().tolist(), 4, 4,
+                          counts)
+
+
+@pytest.mark.parametrize("fields", [{"keep": 16}, {"budget": 13}], ids=["keep", "budget"])
+def test_kept_rows_equal_the_official_loop_on_the_stock_prefill(family, fields):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(32))
+    n = inputs.layout.num_visual
+    if "keep" in fields:
+        counts = lambda pivots, visit: [2] * len(visit)  # noqa: E731  keep // 8
+    else:
+        counts = lambda pivots, visit: budget_per_pivot(13, len(pivots), len(visit))  # noqa: E731
+    norm = vlm.adapter.final_norm(vlm.model)
+    expected = reference_kept(vlm, inputs, 2, norm, counts)
+    for use_cache in (True, False):  # keys read from layer 1's cache, or recomputed from its input
+        with torch.no_grad(), tp.apply(vlm.model, "dart", **fields) as session:
+            vlm.model(**inputs, use_cache=use_cache)
+        assert session.last_report.kept[2] == expected, use_cache
+    assert len(expected) == (4 + 8 * 2 if "keep" in fields else 13)
+    visual = inputs.layout.visual_rows().tolist()
+    assert expected not in (visual[: len(expected)], visual[-len(expected):])  # content-dependent, not positional
+    assert session.last_report.layer_visual == [n, n] + [len(expected)] * 4
+
+
+def test_keys_from_the_cache_equal_recomputed_keys(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(33))
+    seen = {}
+
+    class Probe(DART):  # records the keys DART reads (cache at prefill, recomputed without a cache)
+        def select(self, step):
+            seen.setdefault("keys", []).append(step.keys(self.layer - 1))
+            return super().select(step)
+
+    for use_cache in (True, False):
+        with torch.no_grad(), tp.apply(vlm.model, Probe(keep=16)):
+            vlm.model(**inputs, use_cache=use_cache)
+    cached, recomputed = seen["keys"]
+    stock = stock_prefill(vlm, inputs, 2)["cache"].layers[1].keys[0]
+    assert torch.equal(cached, stock)  # the cache itself
+    torch.testing.assert_close(recomputed, cached, rtol=1e-5, atol=1e-5)  # fp32 projection + RoPE, recomputed
+
+
+def test_the_final_norm_is_used_not_layer_k_input_norm(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(34))
+    final = vlm.adapter.final_norm(vlm.model)
+    layer_norm = vlm.adapter.layers(vlm.model)[2].input_layernorm
+    saved = final.weight.detach().clone()
+    counts = lambda pivots, visit: [2] * len(visit)  # noqa: E731
+    try:
+        with torch.no_grad():  # a non-unit final-norm weight (random init has ones, like every input norm)
+            final.weight.copy_(torch.rand(saved.shape, generator=torch.Generator().manual_seed(0)) * 3 + 0.05)
+        with_final = reference_kept(vlm, inputs, 2, final, counts)
+        with_layer_norm = reference_kept(vlm, inputs, 2, layer_norm, counts)
+        _, report = run(vlm, inputs, keep=16)
+    finally:
+        with torch.no_grad():
+            final.weight.copy_(saved)
+    assert with_final != with_layer_norm  # the two norms select differently here
+    assert report.kept[2] == with_final
+
+
+@pytest.mark.parametrize("positions", ["auto", "reindex"])
+def test_cache_lengths_and_positions(family, positions):
+    vlm = tiny_vlm(family)
+    if positions == "reindex" and not vlm.info().reindex_positions:
+        with pytest.raises(ValueError, match=r"dart\.positions='reindex'"):
+            run(vlm, vlm.prepare(make_sample(35)), keep=16, positions=positions)
+        return
+    inputs = vlm.prepare(make_sample(35))
+    layout = inputs.layout
+    L, n = layout.length, layout.num_visual
+    stock_positions = stock_prefill_positions(vlm, inputs)  # [1, P, L]
+    with torch.no_grad(), tp.apply(vlm.model, "dart", keep=16, positions=positions) as session, \
+            LayerSpy(vlm, 2) as spy:
+        out = vlm.model(**inputs, use_cache=True)
+        cache = output_cache(out)
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        token = out.logits[:, -1:].argmax(-1)
+        vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    kept = session.last_report.kept[2]
+    L_kept = L - n + len(kept)
+    assert lengths == [L, L] + [L_kept] * 4  # layers < K hold the prompt, layers >= K the survivors
+    rows = torch.tensor(sorted(set(layout.text_rows().tolist()) | set(kept)))
+    prefill, generated_first, decode = spy.calls[0], spy.calls[1], spy.calls[2]
+    if positions == "reindex":  # re-numbered 0..L'-1, decoding continues at L'
+        expected, first_decode = torch.arange(L_kept)[None, None], torch.tensor([[[L_kept]]])
+    else:  # original positions on every rotary axis, decoding continues after the unpruned prompt
+        expected, first_decode = stock_positions[:, :, rows], stock_positions[:, :, -1:] + 1
+    assert prefill["length"] == generated_first["length"] == L_kept
+    for got, want in zip(prefill["tables"], rotary_tables(vlm, expected)):
+        assert torch.equal(got, want)
+    assert decode["length"] == 1
+    for got, want in zip(decode["tables"], rotary_tables(vlm, first_decode)):
+        assert torch.equal(got, want)
+    del token
+
+
+def stock_prefill_positions(vlm, inputs) -> torch.Tensor:
+    from helpers import stock_decoder_call
+
+    return stock_decoder_call(vlm, inputs)["positions"]
+
+
+def test_cached_generation_equals_recomputing_the_frozen_selection(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(36))
+    steps = 4
+    with torch.no_grad(), tp.apply(vlm.model, "dart", keep=16) as session:
+        out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
+    replay = Replay(kept=session.last_report.kept)
+    prompt_length = inputs["input_ids"].shape[1]
+    for step in range(steps):
+        extended = prompt_so_far(inputs, out.sequences, step)
+        with torch.no_grad(), tp.apply(vlm.model, replay):
+            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences
+        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+
+
+def test_scopes_on_two_images(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(tp.Sample(id="two", question="which image is brighter ?",
+                                   images=[make_image(37), make_image(38)]))
+    layout = inputs.layout
+    first, second = (layout.group_rows(g).tolist() for g in range(2))
+    per_group = 4 + 8 * 2  # p_v + (p_v + p_t) * c with keep=16
+    _, report = run(vlm, inputs, keep=16, scope="first")
+    kept = report.kept[2]
+    assert set(second) <= set(kept) and len(set(kept) & set(first)) == per_group  # only image 0 is pruned
+    _, report = run(vlm, inputs, keep=16, scope="group")
+    kept = set(report.kept[2])
+    assert len(kept & set(first)) == len(kept & set(second)) == per_group
+    _, report = run(vlm, inputs, budget=15, scope="group")  # the budget split over the groups: 8 + 7
+    assert sorted([len(set(report.kept[2]) & set(first)), len(set(report.kept[2]) & set(second))]) == [7, 8]
+    _, report = run(vlm, inputs, keep=16)  # scope=sample: one run over both images
+    assert len(report.kept[2]) == per_group

@@ -19,8 +19,15 @@ Per-pivot counts ``c_p`` (first set field wins; at most one may be set):
 
 Every ``c_p`` is clamped to what is left of the pool (the official code fails there: card §7).
 Ties (pivot norms and cosines): the lower row first; cosines in float32 by default (official: model dtype).
-Positions: the official code keeps the original positions on both LLaVA and Qwen (``positions="official"`` =
-``"keep"``); ``"reindex"`` (contiguous, 1-D RoPE only) is a labelled variant.
+Positions: the official code keeps the original positions on both LLaVA and Qwen (``positions="auto"`` =
+``"keep"`` everywhere); ``"reindex"`` (contiguous, where the family defines it: 1-D RoPE) is a labelled variant.
+
+Engine wiring (``select`` at layer K): ``z = step.final_norm(step.hidden)``; ``k = step.keys(K - 1)`` (layer K-1's
+KV cache at prefill, recomputed with the family's attention math without a cache); visual rows per ``scope``
+(``sample``: every image and frame, text pivots from the text after the last visual row; ``first``: the official
+Qwen rule, only the first image / temporal group, every later row a text row, ``budget`` counting that group's
+tokens; ``group``: each group alone, with ``budget`` split over groups in proportion to size and ``keep`` /
+``reduction_ratio`` applied per group).
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._budget import budget_count, check_budget
-from .base import Method, ModelInfo, check_choice, check_layer
+from ._budget import budget_count, check_budget, split_budget
+from .base import Method, ModelInfo, PrefillStep, Reduction, check_choice, check_layer, check_positions, register, \
+    resolve_positions
 
 PIVOT_ORDERS = ("official", "sorted")
 SCOPES = ("sample", "first", "group")
-POSITIONS = ("official", "keep", "reindex")
+OFFICIAL_POSITIONS = "keep"  # modeling_llama_self.py L359 (position_ids = keep_indexs); Qwen: gathered 3-D positions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,13 +179,12 @@ def scope_sets(scope: str, groups: list[torch.Tensor], text_after_last: torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The method's settings (hooks are wired in phase 2, on the engine's reduction result)
+# The method
 # ----------------------------------------------------------------------------------------------------------
+@register("dart")
 @dataclass
 class DART(Method):
-    """DART's settings; see the module docstring. With no count field set, the official ``reduction_ratio=0.778``."""
-
-    name = "dart"
+    """DART; see the module docstring. With no count field set, the official ``reduction_ratio=0.778``."""
 
     budget: int | float | None = None  # tokenprune: exact survivors (status/budget.md)
     keep: int | None = None  # official max_num_trunction (LLaVA scripts: 128 → 132 kept)
@@ -188,7 +195,7 @@ class DART(Method):
     pivot_order: str = "official"  # official (CPython set order) | sorted
     sim_dtype: str = "float32"  # float32 | model (official: the model dtype)
     scope: str = "sample"  # sample | first (official Qwen: first image only) | group
-    positions: str = "official"  # official (= keep, both families) | keep | reindex (1-D RoPE only)
+    positions: str = "auto"  # auto (official: keep, every family) | keep | reindex (1-D RoPE only)
 
     OFFICIAL_REDUCTION_RATIO = 0.778
 
@@ -213,13 +220,11 @@ class DART(Method):
         check_choice(self.name, "pivot_order", self.pivot_order, PIVOT_ORDERS)
         check_choice(self.name, "sim_dtype", self.sim_dtype, ("float32", "model"))
         check_choice(self.name, "scope", self.scope, SCOPES)
-        check_choice(self.name, "positions", self.positions, POSITIONS)
+        check_positions(self.name, self.positions)
 
     def validate(self, model: ModelInfo) -> None:
         check_layer(self.name, "layer", self.layer, model)
-        if self.position_rule(model.rope) == "reindex" and model.rope != "1d":
-            raise ValueError(f"{self.name}.positions='reindex' is defined for 1-D RoPE only; this model uses "
-                             f"{model.rope}: use positions='official' or 'keep'")
+        resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
     def count_fields(self) -> dict:
         """The one count field ``dart_keep`` takes: the set one, else the official reduction ratio."""
@@ -230,6 +235,25 @@ class DART(Method):
         return {"reduction_ratio": self.OFFICIAL_REDUCTION_RATIO if self.reduction_ratio is None
                 else self.reduction_ratio}
 
-    def position_rule(self, rope: str) -> str:
-        """``keep`` or ``reindex``; the official code keeps original positions on LLaVA and on Qwen."""
-        return "keep" if self.positions == "official" else self.positions
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def prune_layers(self, layout) -> list[int]:
+        return [self.layer]
+
+    def select(self, step: PrefillStep) -> Reduction:
+        layout = step.layout
+        z = step.final_norm(step.hidden[0])  # [L, d] layer K-1's output through the final norm
+        norms = key_l1_norms(step.keys(self.layer - 1))  # [L]
+        groups = [layout.group_rows(g) for g in range(len(layout.groups))]
+        runs = scope_sets(self.scope, groups, layout.text_after_visual_rows(), layout.length)
+        counts = [self.count_fields()] * len(runs)
+        if self.scope == "group" and self.budget is not None:  # the sample's budget, split over the groups
+            total = budget_count(layout.num_visual, self.budget)
+            counts = [{"budget": share} for share in split_budget(total, [v.numel() for v, _ in runs])]
+        sim_dtype = step.hidden.dtype if self.sim_dtype == "model" else torch.float32
+        kept = [dart_keep(z, norms, visual, text, self.pivot_visual, self.pivot_text, pivot_order=self.pivot_order,
+                          sim_dtype=sim_dtype, **count) for (visual, text), count in zip(runs, counts)]
+        if self.scope == "first":  # the official Qwen rule prunes the first group only
+            kept += groups[1:]
+        rows = torch.cat(kept) if kept else layout.visual_rows()[:0]
+        reindex = resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, step.model) == "reindex"
+        return step.keep_visual(rows, reindex_positions=reindex)
