@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenprune.methods.base import LayerStep, Method, Selection
+from tokenprune.methods.base import LayerStep, MergedRows, Method, Selection
 
 
 @dataclass
@@ -140,7 +140,8 @@ class LayerSpy:
 
     def _record(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        self.calls.append({"length": hidden.shape[1], "tables": tuple(t.clone() for t in kwargs["position_embeddings"])})
+        self.calls.append({"length": hidden.shape[1], "hidden": hidden.detach().clone(),
+                           "tables": tuple(t.clone() for t in kwargs["position_embeddings"])})
 
     def __enter__(self):
         return self
@@ -155,3 +156,46 @@ def rotary_tables(vlm, positions: torch.Tensor):
     text_model = vlm.adapter.text_model(vlm.model)
     hidden = torch.zeros(1, 1, text_model.config.hidden_size)
     return vlm.adapter.rotary(text_model, hidden, positions)
+
+
+@dataclass
+class Frozen(Method):
+    """Runs ``inner`` and records each of its reductions by original rows; with ``replay=True`` re-applies the
+    recorded reductions instead (kept rows, merged rows with the same members and weights — values recomputed as
+    ``Σ weights · rows`` — and the same position rules). Rows beyond the recorded prompt (generated tokens of an
+    extended prompt) are kept. With use_cache=False this recomputes a pruned, merged prefill exactly."""
+
+    inner: Method = None
+    replay: bool = False
+    recorded: dict = field(default_factory=dict)
+    name = "frozen"
+
+    def prune_layers(self, layout) -> list[int]:
+        return self.inner.prune_layers(layout)
+
+    def select(self, step: LayerStep) -> Selection:
+        original = step.layout.original
+        if not self.replay:
+            reduction = self.inner.select(step)
+            merged = reduction.merged
+            self.recorded[step.layer] = dict(
+                length=step.layout.original_length, keep=original[reduction.keep],
+                reindex=reduction.reindex_positions,
+                merged=None if merged is None else dict(
+                    sources=original[merged.sources], into=merged.into, weights=merged.weights,
+                    anchor=torch.where(merged.anchor < step.layout.length,  # -1: at the end
+                                       original[merged.anchor.clamp(max=step.layout.length - 1)], -1),
+                    positions=merged.positions))
+            return reduction
+        record = self.recorded[step.layer]
+        inverse = torch.full((step.layout.original_length,), -1, dtype=torch.long)
+        inverse[original] = torch.arange(original.numel())
+        extra = (original >= record["length"]).nonzero().flatten()  # rows the recorded prompt did not have
+        keep = torch.cat([inverse[record["keep"]], extra]).sort().values
+        merged = None
+        if record["merged"] is not None:
+            m = record["merged"]
+            merged = MergedRows(sources=inverse[m["sources"]], into=m["into"], weights=m["weights"],
+                                anchor=torch.where(m["anchor"] >= 0, inverse[m["anchor"].clamp(min=0)],
+                                                   step.layout.length), positions=m["positions"])
+        return Selection(keep, merged=merged, reindex_positions=record["reindex"])

@@ -323,7 +323,6 @@ def test_cache_lengths_and_positions(family, positions):
         out = vlm.model(**inputs, use_cache=True)
         cache = output_cache(out)
         lengths = [layer.get_seq_length() for layer in cache.layers]
-        token = out.logits[:, -1:].argmax(-1)
         vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
     kept = session.last_report.kept[2]
     L_kept = L - n + len(kept)
@@ -340,7 +339,6 @@ def test_cache_lengths_and_positions(family, positions):
     assert decode["length"] == 1
     for got, want in zip(decode["tables"], rotary_tables(vlm, first_decode)):
         assert torch.equal(got, want)
-    del token
 
 
 def stock_prefill_positions(vlm, inputs) -> torch.Tensor:

@@ -1,21 +1,32 @@
-"""SparseVLM's pure algorithm (``tokenprune/methods/sparsevlm.py``) against the card (``shared/methods/sparsevlm.md``
-§8: 1, 2, 4, 5 and the position rules of 7). Model-level checks (brute-force attention scores, caches, decode,
-identity logits) come with the engine wiring (phase 2).
+"""SparseVLM (``tokenprune/methods/sparsevlm.py``) against the card (``shared/methods/sparsevlm.md`` §8): the pure
+algorithm (arithmetic, raters, merge, order, position rules), then the method in the engine on every family
+(identity logits, every stage against eager attention maps and the reference DPC-KNN, the layer inputs and their
+positions, cache lengths, cached decoding = recomputing the frozen stages).
 
 References: NumPy for the raters, ``reference_dpc_knn`` (Python loops, from test_dpc_knn) for the recycling,
-the card's arithmetic for the counts.
+the card's arithmetic for the counts, the stock model's eager attention probabilities for the scores.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
+import tokenprune as tp
+from conftest import make_sample, sharp_tiny_vlm, stock_logits, tiny_vlm
+from helpers import (Frozen, LayerSpy, forced_choice, forced_generation, prompt_so_far, rotary_tables,
+                     stock_decoder_call)
 from test_dpc_knn import reference_dpc_knn
-from tokenprune.methods.sparsevlm import (OFFICIAL_COUNTS, SparseVLM, fixed_keep, geometric_targets, rank_keep,
-                                          raters_from_relevance, recycle_sizes, recycle_tokens, recycled_positions,
-                                          scaled_counts, select_raters, solve_keep, sparsify_stage, text_relevance)
+from tokenprune.engine.compat import output_cache
+from tokenprune.methods.base import ModelInfo, resolve_positions
+from tokenprune.methods.sparsevlm import (OFFICIAL_COUNTS, OFFICIAL_POSITIONS, SparseVLM, fixed_keep,
+                                          geometric_targets, official_equal_tokens, rank_keep, raters_from_relevance,
+                                          recycle_sizes, recycle_tokens, recycled_positions, scaled_counts,
+                                          select_raters, solve_keep, sparsify_stage, text_relevance)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stage_table(counts, num_visual=576):
@@ -188,8 +199,13 @@ def test_rank_schedule():
 
 def test_settings_defaults_and_validation():
     method = SparseVLM()
-    assert method.layers == [3, 7, 16] and method.position_rule("1d") == "reindex"
-    assert method.position_rule("mrope") == "keep" and SparseVLM(positions="keep").position_rule("1d") == "keep"
+    llava = ModelInfo(num_layers=32, rope="1d", family="llava", reindex_positions=True)
+    qwen = ModelInfo(num_layers=28, rope="mrope", family="qwen25vl", reindex_positions=False)
+    rule = lambda m, info: resolve_positions("sparsevlm", m.positions, OFFICIAL_POSITIONS, info)  # noqa: E731
+    assert method.layers == [3, 7, 16] and rule(method, llava) == "reindex" and rule(method, qwen) == "keep"
+    assert rule(SparseVLM(positions="keep"), llava) == "keep"
+    with pytest.raises(ValueError, match=r"sparsevlm\.positions='reindex' .* not defined"):
+        SparseVLM(positions="reindex").validate(qwen)
     assert SparseVLM(counts=[10, 5], layers=[2, 4]).stage_counts(576) == [10, 5]
     assert SparseVLM(layers=[]).layers == []  # prunes nothing (the identity case of card §8.6)
     bad = [({"retain": 100}, r"sparsevlm\.retain must be one of \[64, 96, 128, 192\]"),
@@ -209,3 +225,153 @@ def test_settings_defaults_and_validation():
         with pytest.raises(ValueError, match=message):
             SparseVLM(**fields)
     assert math.isclose(SparseVLM(budget=0.5).stage_counts(576)[-1], 288)
+
+
+def test_official_equal_tokens():
+    # card §5: the official "equal tokens" average (layer K_s - 1 counted as pruned) over 32 layers
+    for retain, expected in ((192, 192.0), (128, 128.6), (64, 64.8)):
+        outs = [row[-1] for row in stage_table(OFFICIAL_COUNTS[retain])]
+        assert round(official_equal_tokens(576, [3, 7, 16], outs, 32), 1) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In the engine, on every family (tiny random models, fp32; 6 layers: stages at the input of 2, 3, 4)
+# ---------------------------------------------------------------------------------------------------------
+LAYERS = [2, 3, 4]
+MERGING = dict(counts=[64, 48, 32], recycle_frac=0.7)  # 36 tokens: keep 4 then recycle 23 into 3 clusters, ...
+
+
+@dataclass
+class Probe(SparseVLM):
+    """SparseVLM recording what each stage saw and returned."""
+
+    seen: list = field(default_factory=list)
+
+    def select(self, step):
+        reduction = super().select(step)
+        self.seen.append({"layer": step.layer, "layout": step.layout, "hidden": step.hidden[0].clone(),
+                          "positions": step.positions[0].clone(), "reduction": reduction})
+        return reduction
+
+
+def numpy_raters(vlm, inputs) -> np.ndarray:
+    """Offsets into the text after the image of the tokens that rate it, from the stock decoder input (NumPy)."""
+    embeds = stock_decoder_call(vlm, inputs)["embeds"][0].double().numpy()
+    layout = inputs.layout
+    visual, text = embeds[layout.visual_rows().numpy()], embeds[layout.text_after_visual_rows().numpy()]
+    logits = visual @ text.T
+    relevance = (np.exp(logits - logits.max(1, keepdims=True))
+                 / np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)).mean(0)
+    return np.nonzero(relevance > relevance.mean())[0]
+
+
+def test_layers_empty_or_keeping_everything_gives_the_stock_logits(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(51))
+    for fields in ({"layers": []}, {"layers": LAYERS, "budget": 1.0, "positions": "keep"}):
+        with torch.no_grad(), tp.apply(vlm.model, "sparsevlm", **fields):
+            logits = vlm.model(**inputs).logits
+        assert torch.equal(logits, stock_logits(vlm, inputs)), fields
+
+
+@pytest.mark.parametrize("positions", ["auto", "keep"])
+@pytest.mark.parametrize("fields", [{}, MERGING], ids=["retain192", "merging"])
+def test_stages_equal_eager_attention_references(family, positions, fields):
+    """Per stage: kept rows = top-k of layer K-1's eager probabilities (head mean, rater rows, visual columns); the
+    recycled rows = the top-m dropped rows clustered as the reference DPC-KNN, each the members' official mean; the
+    layer-K input = [prefix][kept][recycled][text]; positions re-numbered (auto on 1-D RoPE) or original (centres)."""
+    vlm = sharp_tiny_vlm(family, "eager")
+    if positions == "keep" and not vlm.info().reindex_positions:
+        pytest.skip("auto = keep on this family")
+    inputs = vlm.prepare(make_sample(52))
+    raters = numpy_raters(vlm, inputs)
+    probe = Probe(layers=LAYERS, positions=positions, **fields)
+    with torch.no_grad(), tp.apply(vlm.model, probe) as session:
+        spies = [LayerSpy(vlm, layer) for layer in LAYERS]  # after apply's hooks: they see what the layer gets
+        try:
+            attentions = [a[0].double() for a in vlm.model(**inputs, output_attentions=True).attentions]
+        finally:
+            for spy in spies:
+                spy.__exit__()
+    n = inputs.layout.num_visual
+    counts = scaled_counts(fields.get("counts", OFFICIAL_COUNTS[192]), n)
+    reindex = positions == "auto" and vlm.info().reindex_positions
+    assert [seen["layer"] for seen in probe.seen] == LAYERS
+    for stage, (seen, spy) in enumerate(zip(probe.seen, spies)):
+        layout, hidden, reduction = seen["layout"], seen["hidden"], seen["reduction"]
+        visual, text = layout.visual_rows(), layout.text_after_visual_rows()
+        probs = attentions[seen["layer"] - 1].mean(0)  # [L, L] head mean of layer K - 1
+        scores = probs[text[raters]][:, visual].mean(0)  # [n_v]
+        k = min(counts[stage], visual.numel() - 1)
+        order = sorted(range(visual.numel()), key=lambda i: (-float(scores[i]), i))
+        kept = sorted(visual[order[:k]].tolist())
+        assert sorted(set(reduction.keep.tolist()) & set(visual.tolist())) == kept, f"stage {stage}"
+        dropped = [i for i in order if int(visual[i]) not in kept]  # descending reference score
+        m, c = recycle_sizes(len(dropped), probe.recycle_frac, probe.cluster_div)
+        candidates = dropped[:m]
+        noise = torch.rand(1, m, generator=torch.Generator().manual_seed(probe.seed))[0]
+        labels, centres, *_ = reference_dpc_knn(hidden[visual[candidates]], c, c, noise)
+        merged = reduction.merged
+        members = [sorted(int(visual[candidates[i]]) for i, label in enumerate(labels) if label == r) for r in range(c)]
+        assert [sorted(merged.sources[merged.into == r].tolist()) for r in range(c)] == members, f"stage {stage}"
+        values = torch.stack([hidden[rows].double().sum(0) / (len(rows) + 1e-6) for rows in members])
+        torch.testing.assert_close(merged.values.double(), values, rtol=1e-5, atol=1e-6)
+        # the layer-K input: [rows before the image][kept][recycled, centre order][text], exactly
+        prefix = torch.arange(int(visual[0]))
+        expected = torch.cat([hidden[prefix], hidden[kept], merged.values, hidden[text]])
+        call = spy.calls[0]
+        assert torch.equal(call["hidden"][0], expected), f"stage {stage}"
+        if reindex:
+            want = torch.arange(expected.shape[0])[None].expand(seen["positions"].shape[0], -1)
+        else:  # original positions; a recycled row at its centre's, on every axis
+            centre_positions = seen["positions"][:, visual[[candidates[i] for i in centres]]]
+            want = torch.cat([seen["positions"][:, prefix], seen["positions"][:, kept], centre_positions,
+                              seen["positions"][:, text]], dim=1)
+        for got, table in zip(call["tables"], rotary_tables(vlm, want[None])):
+            assert torch.equal(got, table), f"stage {stage}"
+    stats = session.last_report.stats
+    assert stats["sparsevlm_stage_visual"] == session.last_report.layer_visual[2:5]
+    assert stats["sparsevlm_official_tokens"] == pytest.approx(
+        official_equal_tokens(n, LAYERS, stats["sparsevlm_stage_visual"], 6))
+
+
+def test_the_scores_are_not_positional(family):
+    vlm = sharp_tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(52))
+    with torch.no_grad(), tp.apply(vlm.model, "sparsevlm", layers=LAYERS, recycle=False) as session:
+        vlm.model(**inputs)
+    kept, visual = session.last_report.kept[2], inputs.layout.visual_rows().tolist()
+    assert kept not in (visual[: len(kept)], visual[-len(kept):])
+
+
+def test_cache_lengths_and_cached_decoding_equal_recomputing_the_frozen_stages(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(53))
+    L, n = inputs.layout.length, inputs.layout.num_visual
+    frozen = Frozen(inner=SparseVLM(layers=LAYERS, **MERGING))
+    steps = 3
+    with torch.no_grad(), tp.apply(vlm.model, frozen) as session:
+        out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
+    visual = session.last_report.layer_visual
+    assert visual == [n, n, 7, 4, 3, 3]  # 36 → 4 + 3 recycled → 3 + 1 → 2 + 1
+    with torch.no_grad(), tp.apply(vlm.model, frozen):
+        cache = output_cache(vlm.model(**inputs, use_cache=True))
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+    assert lengths == [L - n + v for v in visual]
+    frozen.replay = True
+    prompt_length = inputs["input_ids"].shape[1]
+    for step in range(steps):
+        extended = prompt_so_far(inputs, out.sequences, step)
+        with torch.no_grad(), tp.apply(vlm.model, frozen):
+            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences
+        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+
+
+def test_reindex_is_refused_where_undefined(family):
+    vlm = tiny_vlm(family)
+    if vlm.info().reindex_positions:
+        return
+    with pytest.raises(ValueError, match=r"sparsevlm\.positions='reindex'"):
+        with tp.apply(vlm.model, "sparsevlm", layers=LAYERS, positions="reindex"):
+            pass

@@ -23,9 +23,20 @@ Counts (at most one field set; none: the official ``retain=192``):
 * ``schedule="rank"`` (v1): ``k = min(int(rank(A)·scale + bias), n_v - 1)``, with A the rater × visual
   head-mean probabilities (float32); rank = n_v: no pruning at that stage.
 
-Positions: the official code renumbers contiguously after each stage (1-D RoPE: ``positions="official"`` =
-``"reindex"``); on mRoPE (no official code) the original positions are kept (``"official"`` = ``"keep"``), a
-recycled row taking its centre's position (``merged_position="center"``) or the rounded mean of its members'.
+Positions: the official code renumbers contiguously after each stage (``positions="auto"`` = ``"reindex"`` where
+the family defines it, 1-D RoPE); on mRoPE (no official code) the original positions are kept (``"auto"`` =
+``"keep"``), a recycled row taking its centre's position (``merged_position="center"``) or the rounded mean of its
+members'. ``keep`` on 1-D RoPE is a labelled variant.
+
+Engine wiring (``select`` at each K_s): the raters come from ``step.decoder_input`` (the embeddings that entered the
+decoder; recomputed at each stage, they do not change), the scores from ``step.attention(layer=K_s - 1, queries=
+<raters>, keys="visual", heads="mean", reduce="mean")``, recycling from ``step.hidden`` at the dropped rows; the
+result is a ``Reduction`` keeping every non-visual row and the kept visual rows, with the recycled rows as merged
+rows (members and weights 1/(size + 1e-6), the method's values) placed after the last visual row. On Qwen (no
+official code) V is every image / video row, T the text after the last one; counts scale by N/576.
+Reported (``stats``): ``sparsevlm_stage_visual`` (visual rows after each stage, recycled included) and
+``sparsevlm_official_tokens`` (the official "equal tokens": the mean over layers of the visual count after each
+layer's pruning, layer K_s - 1 counted as pruned; 192.0 / 128.6 / 64.8 at the official settings).
 """
 
 from __future__ import annotations
@@ -36,13 +47,14 @@ import torch
 
 from ..engine.dpc_knn import dpc_knn
 from ._budget import budget_count, check_budget
-from .base import Method, ModelInfo, check_choice, check_layer, topk_rows
+from .base import (MergedRows, Method, ModelInfo, PrefillStep, Reduction, check_choice, check_layer, check_positions,
+                   register, resolve_positions, topk_rows)
 
 # Official per-stage kept counts at N = 576 (score.py @ v1.5 b9619e6 L7-L9; 96 from main 26a5f48 L11-L14).
 OFFICIAL_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 REFERENCE_TOKENS = 576  # the official tables are for LLaVA-1.5's 576 visual tokens
 MERGE_EPS = 1e-6  # official: member weight 1 / (cluster size + 1e-6)
-POSITIONS = ("official", "keep", "reindex")
+OFFICIAL_POSITIONS = "reindex"  # modelling_sparse_llama.py L308: position_ids renumbered after every stage
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,14 +242,24 @@ def sparsify_stage(scores: torch.Tensor, hidden: torch.Tensor, keep: int | None,
     return StageResult(kept, dropped, recycled)
 
 
+def official_equal_tokens(num_visual: int, layers: list[int], stage_visual: list[int], num_layers: int) -> float:
+    """The official "equal tokens" (modelling_sparse_llama.py L363-L373): the mean over the ``num_layers`` layers of
+    the visual count after each layer's pruning, stage s counted from layer ``layers[s] - 1`` (its scoring layer)."""
+    total, count, stage = 0, num_visual, 0
+    for layer in range(num_layers):
+        while stage < len(layers) and layer >= layers[stage] - 1:
+            count, stage = stage_visual[stage], stage + 1
+        total += count
+    return total / num_layers
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The method's settings (hooks are wired in phase 2, on the engine's reduction result)
+# The method
 # ----------------------------------------------------------------------------------------------------------
+@register("sparsevlm")
 @dataclass
 class SparseVLM(Method):
-    """SparseVLM v1.5's settings; see the module docstring."""
-
-    name = "sparsevlm"
+    """SparseVLM v1.5; see the module docstring."""
 
     layers: list[int] = (3, 7, 16)  # prune at the input of K, score with K - 1 (official pruning_loc 2, 6, 15)
     budget: int | float | None = None  # tokenprune: exact visual rows after the last stage (status/budget.md)
@@ -249,7 +271,7 @@ class SparseVLM(Method):
     recycle: bool = True
     recycle_frac: float = 0.3
     cluster_div: int = 10
-    positions: str = "official"  # official (1-D: reindex; mRoPE: keep) | keep | reindex (1-D only)
+    positions: str = "auto"  # auto (official: reindex where defined, i.e. 1-D RoPE; else keep) | keep | reindex
     merged_position: str = "center"  # center | mean (keep positions only)
     seed: int = 0  # DPC-KNN density tie-break noise
 
@@ -293,7 +315,7 @@ class SparseVLM(Method):
         div = self.cluster_div
         if isinstance(div, bool) or not isinstance(div, int) or div < 1:
             raise ValueError(f"{self.name}.cluster_div must be an integer >= 1, got {div!r}")
-        check_choice(self.name, "positions", self.positions, POSITIONS)
+        check_positions(self.name, self.positions)
         check_choice(self.name, "merged_position", self.merged_position, ("center", "mean"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{self.name}.seed must be an integer, got {self.seed!r}")
@@ -301,15 +323,7 @@ class SparseVLM(Method):
     def validate(self, model: ModelInfo) -> None:
         for i, layer in enumerate(self.layers):
             check_layer(self.name, f"layers[{i}]", layer, model)
-        if self.position_rule(model.rope) == "reindex" and model.rope != "1d":
-            raise ValueError(f"{self.name}.positions='reindex' is defined for 1-D RoPE only; this model uses "
-                             f"{model.rope}: use positions='official' or 'keep'")
-
-    def position_rule(self, rope: str) -> str:
-        """``reindex`` (official on 1-D RoPE) or ``keep`` (mRoPE, where no official code exists)."""
-        if self.positions == "official":
-            return "reindex" if rope == "1d" else "keep"
-        return self.positions
+        resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
     def stage_counts(self, num_visual: int) -> list[int]:
         """Per-stage requested counts for N = ``num_visual`` original visual tokens (schedule='fixed' only).
@@ -334,3 +348,52 @@ class SparseVLM(Method):
         if self.budget is not None:
             return solve_keep(num_visual_now, target, self.recycle, self.recycle_frac, self.cluster_div)
         return fixed_keep(target, num_visual_now)
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def prune_layers(self, layout) -> list[int]:
+        return list(self.layers)
+
+    def raters(self, step: PrefillStep) -> torch.Tensor:
+        """Current rows of the raters ``[n_raters]``: chosen once from the decoder input (same rows every stage)."""
+        entering = step.decoder_input
+        text = step.layout.text_after_visual_rows()
+        text_entering = entering.layout.text_after_visual_rows()
+        if text.numel() != text_entering.numel():
+            raise ValueError("sparsevlm: the text after the visual rows changed since the decoder input (another "
+                             "method pruned it); the raters cannot be found")
+        embeds = entering.embeds[0]
+        return text[select_raters(embeds[entering.layout.visual_rows()], embeds[text_entering])]
+
+    def select(self, step: PrefillStep) -> Reduction:
+        stage = self.layers.index(step.layer)
+        layout = step.layout
+        visual = layout.visual_rows()  # [n_v]
+        raters = self.raters(step)
+        relation = None
+        if self.schedule == "rank":  # [|Q|, n_v] rater x visual head-mean probabilities
+            relation = step.attention(layer=step.layer - 1, queries=raters, keys="visual", heads="mean")
+            scores = relation.mean(dim=0)
+        else:
+            scores = step.attention(layer=step.layer - 1, queries=raters, keys="visual", heads="mean",
+                                    reduce="mean")  # [n_v]
+        num_visual = step.decoder_input.layout.num_visual  # N of the official count tables
+        keep = self.stage_keep(stage, visual.numel(), num_visual, relation)
+        result = sparsify_stage(scores, step.hidden[0, visual], keep, self.recycle, self.recycle_frac,
+                                self.cluster_div, self.seed)
+        reindex = resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, step.model) == "reindex"
+        reduction = step.keep_visual(visual[result.kept], reindex_positions=reindex)
+        recycled = result.recycled
+        if recycled is not None:
+            into, member = (recycled.weights > 0).nonzero(as_tuple=True)  # [E] cluster, candidate offset
+            positions = recycled_positions(step.positions[0][:, visual], recycled, self.merged_position)
+            anchor = torch.full((recycled.centers.numel(),), int(visual[-1]) + 1, device=visual.device)
+            reduction.merged = MergedRows(sources=visual[recycled.candidates[member]], into=into,
+                                          weights=recycled.weights[into, member], anchor=anchor,
+                                          values=recycled.values, positions=positions)
+        outs = step.stats.setdefault("sparsevlm_stage_visual", [])  # the first sample's (the report's convention)
+        if len(outs) == stage:
+            outs.append(result.num_out)
+        if stage == len(self.layers) - 1 and step.model is not None:
+            step.stats["sparsevlm_official_tokens"] = official_equal_tokens(num_visual, self.layers, outs,
+                                                                            step.model.num_layers)
+        return reduction
