@@ -1,8 +1,10 @@
-"""The pooling baseline's pure algorithm (``tokenprune/methods/pool.py``) against the card (``downsample.md`` §8.4-5).
+"""The pooling baseline (``tokenprune/methods/pool.py``) against the card (``downsample.md`` §8.4-5): the pure
+algorithm, then the method in the engine on every family.
 
 References: hand-computed means, PyTorch's own pooling ops (``avg_pool2d``/``avg_pool3d`` with ``ceil_mode``,
-``adaptive_avg_pool2d``, ``max_pool2d``), HF LLaVA-OneVision's ``apply_pooling``, and Qwen2.5-VL's own
-``get_rope_index`` on the pooled ``grid_thw``.
+``adaptive_avg_pool2d``, ``max_pool2d``), HF LLaVA-OneVision's ``apply_pooling``, Qwen2.5-VL's own
+``get_rope_index`` on the pooled ``grid_thw``; in the engine, prefills built by hand (window means, positions by
+each rule, the stock decoder layers one by one) and the model's own rope index of the pooled input.
 """
 
 from types import SimpleNamespace
@@ -11,9 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tokenprune as tp
+from conftest import make_sample, stock_logits, tiny_vlm
+from helpers import LayerSpy, forced_choice, forced_generation, prompt_so_far, rotary_tables, stock_decoder_call
+from test_reduction import final_logits, layers_by_hand
+from tokenprune.engine.contract import DecoderInput
 from tokenprune.methods._budget import budget_fraction
+from tokenprune.methods.base import ModelInfo
 from tokenprune.methods.pool import (Pool, adaptive_windows, grid_positions, mean_positions, plan_grid,
                                      stride_windows)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+LLAVA_INFO = ModelInfo(num_layers=32, rope="1d", family="llava", reindex_positions=True)
+QWEN_INFO = ModelInfo(num_layers=28, rope="mrope", family="qwen25vl", reindex_positions=False)
 
 
 def as_image(x, h, w):  # [h*w, d] raster rows -> [1, d, h, w]
@@ -161,15 +173,129 @@ def test_grid_positions_equal_qwen_rope_index_of_the_pooled_grids():
 
 def test_settings_defaults_and_validation():
     pool = Pool()
-    assert pool.position_rule("mrope") == "grid" and pool.plan((1, 24, 24)).out_shape == (1, 12, 12)
+    assert pool.position_rule(LLAVA_INFO) == "reindex" and pool.position_rule(QWEN_INFO) == "keep"
+    assert Pool(positions="grid").position_rule(QWEN_INFO) == "grid" and pool.plan((1, 24, 24)).out_shape == (1, 12, 12)
+    with pytest.raises(ValueError, match=r"pool\.positions='reindex' .* not defined"):
+        Pool(positions="reindex").validate(QWEN_INFO)
+    with pytest.raises(ValueError, match=r"pool\.mode='max' is not a weighted sum"):
+        Pool(mode="max").validate(ModelInfo(num_layers=4, family="qwen3vl", side_inputs=True))
+    Pool(mode="max").validate(QWEN_INFO)
     assert Pool(stride=3).plan((1, 24, 24)).num_out == 64
     bad = [({"budget": 0}, r"pool\.budget must be"), ({"budget": 64, "stride": 2}, "at most one of budget, stride"),
            ({"stride": 0}, r"pool\.stride must be an integer >= 1"), ({"t_stride": 1.5}, r"pool\.t_stride"),
            ({"mode": "median"}, r"pool\.mode must be one of \['avg', 'max', 'bilinear'\]"),
-           ({"positions": "keep"}, r"pool\.positions must be one of \['official', 'grid', 'mean'\]"),
+           ({"positions": "mean"}, r"pool\.positions must be one of \['auto', 'keep', 'reindex', 'grid'\]"),
            ({"mode": "bilinear", "t_stride": 2}, r"pool\.t_stride must be 1 with mode='bilinear'")]
     for fields, message in bad:
         with pytest.raises(ValueError, match=message):
             Pool(**fields)
     with pytest.raises(ValueError, match="needs the sample's token fraction"):
         Pool(budget=0.5).plan((1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In the engine, on every family (tiny random models: one 6 x 6 image, fp32)
+# ---------------------------------------------------------------------------------------------------------
+def test_keeping_every_cell_gives_the_stock_logits(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(61))
+    for fields in ({"stride": 1}, {"budget": 1.0}, {"stride": 1, "mode": "max"}):
+        with torch.no_grad(), tp.apply(vlm.model, "pool", **fields):
+            assert torch.equal(vlm.model(**inputs).logits, stock_logits(vlm, inputs)), fields
+
+
+def pooled_by_hand(vlm, inputs, rule: str):
+    """Decoder input of the image pooled 2 x 2 (6 x 6 → 3 x 3) by hand: embeddings (float64 window means), the
+    positions of ``rule`` and the rows' count; ``grid`` on mRoPE from the model's own rope index of the pooled
+    input."""
+    call = stock_decoder_call(vlm, inputs)
+    embeds, positions = call["embeds"][0], call["positions"][0]  # [L, d], [P, L]
+    visual = inputs.layout.visual_rows()
+    start, grid = int(visual[0]), visual.view(6, 6)
+    windows = [grid[2 * i: 2 * i + 2, 2 * j: 2 * j + 2].flatten() for i in range(3) for j in range(3)]
+    pooled = torch.stack([embeds[w].double().mean(0) for w in windows]).to(embeds.dtype)
+    after = torch.arange(int(visual[-1]) + 1, embeds.shape[0])
+    new_embeds = torch.cat([embeds[:start], pooled, embeds[after]])
+    length = new_embeds.shape[0]
+    if rule == "keep":
+        means = torch.tensor([[round(float(positions[p, w].double().mean())) for w in windows]
+                              for p in range(positions.shape[0])])
+        new_positions = torch.cat([positions[:, :start], means, positions[:, after]], dim=1)
+    elif positions.shape[0] == 1:  # reindex / grid on 1-D RoPE: contiguous
+        new_positions = torch.arange(length)[None]
+    else:  # grid on mRoPE: the stock rope index of the pooled prompt (a native 3 x 3 image)
+        keep = torch.cat([torch.arange(start + 9), after])
+        ids = inputs["input_ids"][:, keep]
+        types = inputs["mm_token_type_ids"][:, keep]
+        outer = vlm.adapter.outer_model(vlm.model)
+        thw = inputs["image_grid_thw"].clone()
+        thw[0, 1:] = 6  # 3 x 3 LLM tokens = 6 x 6 patches
+        new_positions = outer.get_rope_index(ids, types, image_grid_thw=thw)[0][:, 0]
+    return new_embeds[None], new_positions[None]
+
+
+@pytest.mark.parametrize("positions", ["auto", "keep", "reindex", "grid"])
+def test_pooled_prefill_equals_a_hand_built_reference(family, positions):
+    vlm = tiny_vlm(family)
+    info = vlm.info()
+    if positions == "reindex" and not info.reindex_positions:
+        with pytest.raises(ValueError, match=r"pool\.positions='reindex'"):
+            with tp.apply(vlm.model, "pool", positions="reindex"):
+                pass
+        return
+    rule = Pool(positions=positions).position_rule(info)
+    inputs = vlm.prepare(make_sample(62))
+    embeds, new_positions = pooled_by_hand(vlm, inputs, rule)
+    with torch.no_grad():
+        reference = final_logits(vlm, layers_by_hand(vlm, embeds, new_positions, {},
+                                                     range(len(vlm.adapter.layers(vlm.model)))))
+        with tp.apply(vlm.model, "pool", positions=positions) as session, LayerSpy(vlm, 0) as spy:
+            logits = vlm.model(**inputs).logits[0]
+    entering = spy.calls[0]
+    torch.testing.assert_close(entering["hidden"], embeds, rtol=0, atol=1e-7)  # fp32 weights x rows vs fp64 means
+    for got, want in zip(entering["tables"], rotary_tables(vlm, new_positions)):
+        assert torch.equal(got, want)  # exactly the positions of the rule
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # fp32, rounding of the means only
+    report = session.last_report
+    assert report.visual_entering_decoder == 9 and report.layer_visual == [9] * 6
+
+
+@pytest.mark.parametrize("positions", ["auto", "grid"])
+def test_cached_generation_equals_recomputing_the_pooled_prefill(family, positions):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(63))
+    steps = 3
+    with torch.no_grad(), tp.apply(vlm.model, "pool", positions=positions):
+        out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
+    prompt_length = inputs["input_ids"].shape[1]
+    for step in range(steps):
+        extended = prompt_so_far(inputs, out.sequences, step)
+        with torch.no_grad(), tp.apply(vlm.model, "pool", positions=positions):  # pooling ignores the text
+            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)
+        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+
+
+def test_budget_modes_and_side_inputs(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(64))
+    for fields, visual in (({"budget": 9}, 9), ({"budget": 0.25}, 9), ({"stride": 4}, 4), ({"mode": "max"}, 9),
+                           ({"mode": "bilinear"}, 9)):
+        with torch.no_grad(), tp.apply(vlm.model, "pool", **fields) as session:
+            vlm.model(**inputs)
+        assert session.last_report.visual_entering_decoder == visual, fields
+    seq = DecoderInput(torch.zeros(1, 8, 4), torch.zeros(1, 1, 8, dtype=torch.long), inputs.layout,
+                       side={1: torch.zeros(1, 8, 4)})
+    with pytest.raises(ValueError, match=r"pool\.mode='max' cannot merge"):
+        Pool(mode="max").before_llm(seq)
+
+
+def test_video_temporal_pooling():
+    from test_prunevid_decode import video_inputs
+
+    vlm = tiny_vlm("tiny_qwen25vl")
+    inputs = video_inputs(vlm, frames=8, size=84)  # 4 temporal groups of 3 x 3
+    assert [(g.rows, g.cols) for g in inputs.layout.groups] == [(3, 3)] * 4
+    with torch.no_grad(), tp.apply(vlm.model, "pool", stride=2, t_stride=2, positions="grid") as session:
+        vlm.model(**inputs)
+    assert session.last_report.visual_entering_decoder == 2 * 2 * 2  # 4 → 2 groups, 3 x 3 → 2 x 2 (ceil)

@@ -16,13 +16,22 @@ pooling (after the projector, rows replaced in place, raster order) and UniPrune
 **Modes:** ``avg`` (default), ``max`` (per channel over the window), ``bilinear`` (LLaVA-OV's own
 ``interpolate(..., mode="bilinear", align_corners=False)`` to the output size; spatial only).
 
-**Positions:** ``grid`` (default, ``"official"``): what a native image of the pooled grid would get: 1-D RoPE
-renumbers the sequence contiguously; mRoPE gives the pooled cell (i, j) of a source starting at ``st`` the
-positions ``(t, st + i, st + j)`` (``t``: the window's first temporal group's) and shifts every later row so
-text resumes at ``st + max(h', w')``, as transformers 5.25's ``get_rope_index`` on the pooled ``grid_thw`` (the
-temporal extent does not count there; tested against it). ``mean``:
-the rounded (half to even) weighted mean of the window's positions (avg: window mean; bilinear: interpolation
-weights; max: window mean), text unchanged (PruneVid's convention).
+**Positions** (``positions``; no official code defines them): ``auto`` (default) = contiguous re-numbering where the
+family defines it (1-D RoPE: what LLaVA-OneVision's pooled rows get in place), original positions elsewhere (mRoPE:
+the issue's rule for merged rows). ``keep``: each pooled row at the rounded (half to even) weighted mean of its
+window's positions (avg: window mean; bilinear: interpolation weights; max: window mean), text unchanged (PruneVid's
+convention). ``reindex``: contiguous (1-D RoPE only). ``grid``: what a native image of the pooled grid would get:
+1-D RoPE renumbers the sequence contiguously; mRoPE gives the pooled cell (i, j) of a source starting at ``st`` the
+positions ``(t, st + i, st + j)`` (``t``: the window's first temporal group's) and shifts every later row so text
+resumes at ``st + max(h', w')``, as transformers 5.25's ``get_rope_index`` on the pooled ``grid_thw`` (the temporal
+extent does not count there; tested against it); decoding continues after the new maximum.
+
+Engine wiring (``before_llm``): per image / video (its temporal groups in order, a ``(t, h, w)`` grid), the pooled
+rows are merged rows (members and weights from the windows; values ``pooling.apply``), placed where the window's
+first temporal group began, in raster order; a budget gives one fraction of the sample's visual tokens to every
+grid. ``max`` is not a weighted sum: its values are exact, but side inputs (Qwen3-VL's DeepStack features) would be
+merged with the window means, so ``max`` is refused on families with side inputs. Pooled rows keep the first
+member's group; their cell is -1 (the group's grid is not re-described).
 """
 
 from __future__ import annotations
@@ -33,11 +42,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._budget import check_budget
-from .base import Method, ModelInfo, check_choice
+from ._budget import budget_fraction, check_budget
+from .base import DecoderInput, MergedRows, Method, ModelInfo, Reduction, check_choice, register, resolve_positions
 
 MODES = ("avg", "max", "bilinear")
-POSITIONS = ("official", "grid", "mean")
+POSITIONS = ("auto", "keep", "reindex", "grid")
+OFFICIAL_POSITIONS = "reindex"  # no official code: ``auto`` re-numbers where the family defines it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,19 +189,18 @@ def grid_positions(positions: torch.Tensor, sources: list[tuple[int, int, GridPo
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The method's settings (the before_llm hook is wired in phase 2, on the engine's reduction result)
+# The method
 # ----------------------------------------------------------------------------------------------------------
+@register("pool")
 @dataclass
 class Pool(Method):
-    """Pool every image / temporal-group grid; see the module docstring. Default: 2×2 average, grid positions."""
-
-    name = "pool"
+    """Pool every image / temporal-group grid; see the module docstring. Default: 2×2 average, positions auto."""
 
     budget: int | float | None = None  # tokenprune: token fraction per grid (status/budget.md); unsets stride
     stride: int | None = None  # spatial window (None: 2 unless budget is set)
     t_stride: int = 1  # temporal window over a video's temporal groups
     mode: str = "avg"  # avg | max | bilinear
-    positions: str = "official"  # official (= grid) | grid | mean
+    positions: str = "auto"  # auto (1-D RoPE: contiguous; mRoPE: keep) | keep (window means) | reindex | grid
 
     DEFAULT_STRIDE = 2
 
@@ -212,10 +221,16 @@ class Pool(Method):
                              f"got {self.t_stride}")
 
     def validate(self, model: ModelInfo) -> None:
-        """Nothing depends on the model: every family's grid pools, and both position rules are defined."""
+        self.position_rule(model)
+        if self.mode == "max" and model.side_inputs:
+            raise ValueError(f"{self.name}.mode='max' is not a weighted sum: the {model.family} family's per-row side "
+                             "inputs (e.g. DeepStack features) cannot follow it; use mode='avg' or 'bilinear'")
 
-    def position_rule(self, rope: str) -> str:
-        return "grid" if self.positions == "official" else self.positions
+    def position_rule(self, model: ModelInfo) -> str:
+        """``keep``, ``reindex`` or ``grid`` on ``model`` (refuses ``reindex`` where it is not defined)."""
+        if self.positions == "grid":
+            return "grid"
+        return resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
     def plan(self, shape: tuple[int, int, int], fraction: float | None = None) -> GridPooling:
         """The pooling of one grid; ``fraction``: ``budget_fraction(N, budget)`` of the sample (budget only)."""
@@ -224,3 +239,50 @@ class Pool(Method):
                 raise ValueError("pool.plan: a budget needs the sample's token fraction")
             return plan_grid(shape, self.mode, None, self.t_stride, fraction)
         return plan_grid(shape, self.mode, self.stride or self.DEFAULT_STRIDE, self.t_stride)
+
+    # -- hook ------------------------------------------------------------------------------------------------
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        layout = seq.layout
+        if self.mode == "max" and seq.side:
+            raise ValueError(f"{self.name}.mode='max' cannot merge this model's per-row side inputs (weights are "
+                             "window means); use mode='avg' or 'bilinear'")
+        fraction = budget_fraction(layout.num_visual, self.budget) if self.budget is not None else None
+        embeds, positions = seq.embeds[0], seq.positions[0]  # [L, d], [P, L]
+        device = embeds.device
+        sources, into, weights, anchor, values, means, grids = [], [], [], [], [], [], []
+        count = 0
+        for groups in source_groups(layout):
+            group_rows = [layout.group_rows(g) for g in groups]  # each [h * w], raster order
+            rows = torch.cat(group_rows)
+            first = layout.groups[groups[0]]
+            pooling = self.plan((len(groups), first.rows, first.cols), fraction)
+            window = pooling.weights().to(device)  # [n_out, n] float64
+            out, member = window.nonzero(as_tuple=True)
+            sources.append(rows[member])
+            into.append(out + count)
+            weights.append(window[out, member].float())
+            starts = torch.stack([group_rows[start][0] for start, _ in pooling.windows[0]])  # [t'] first rows
+            anchor.append(starts.repeat_interleave(pooling.num_out // len(starts)))
+            values.append(pooling.apply(embeds[rows]))
+            means.append(mean_positions(positions[:, rows], pooling))
+            grids.append((int(rows[0]), int(rows[-1]) + 1, pooling))
+            count += pooling.num_out
+        if all(pooling.num_out == pooling.shape[0] * pooling.shape[1] * pooling.shape[2] for *_, pooling in grids):
+            return None  # every window is one cell: nothing changes
+        merged = MergedRows(sources=torch.cat(sources), into=torch.cat(into), weights=torch.cat(weights),
+                            anchor=torch.cat(anchor), values=torch.cat(values), positions=torch.cat(means, dim=1))
+        reduction = Reduction(layout.text_rows(), merged=merged)
+        rule = self.position_rule(seq.model)
+        if rule == "reindex":
+            reduction.reindex_positions = True
+        elif rule == "grid":
+            reduction.sequence_positions = grid_positions(positions, grids)
+        return reduction
+
+
+def source_groups(layout) -> list[list[int]]:
+    """Group indices of each image / video, in prompt order (a video's temporal groups consecutively)."""
+    sources: dict[tuple[int, int], list[int]] = {}
+    for index, group in enumerate(layout.groups):
+        sources.setdefault((group.kind, group.source), []).append(index)
+    return sorted(sources.values(), key=lambda groups: groups[0])
