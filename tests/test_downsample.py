@@ -1,7 +1,8 @@
-"""The downsampling baseline's planning (``tokenprune/methods/downsample.py``) against the card (``downsample.md``
-§8.1-3): token counts computed by hand for LLaVA-1.5 (336 px, 14 px patches) and Qwen2.5-VL (28 px per token,
-min/max pixels) at 192/128/64 tokens, and the real tiny processors emitting exactly the predicted count. The
-model-level checks (g = 24 / budget 1 give the baseline logits) come with the runner wiring (phase 2).
+"""The downsampling baseline (``tokenprune/methods/downsample.py``) against the card (``downsample.md`` §8.1-3):
+token counts computed by hand for LLaVA-1.5 (336 px, 14 px patches) and Qwen2.5-VL (28 px per token, min/max
+pixels) at 192/128/64 tokens, the real tiny processors emitting exactly the predicted count; then through the
+families' ``prepare``, the engine and the runner: budget 1 is the baseline (inputs and logits), the encoder emits
+the planned grid (LLaVA: placeholders counted, CLIP's position table interpolated only while applied), videos.
 """
 
 import io
@@ -11,8 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+import tokenprune as tp
+from conftest import hook_snapshot, make_image, make_sample, stock_logits, tiny_vlm
+
 from tokenprune.methods.downsample import (Downsample, DynamicGeometry, FixedGeometry, native_grid, plan_image,
                                            plan_sample, resize_frames, resize_image, vtc_factor, vtc_image)
+from tokenprune.models import adapter_named
 from tokenprune.models.zoo import tiny
 
 LLAVA15 = FixedGeometry(336, 14)
@@ -62,7 +67,7 @@ def _count(ids, token_id):
                                                      (tiny.trained_llava_processor, 168)])
 def test_llava_processor_emits_the_predicted_count(processor_fn, image_size):
     processor = processor_fn()
-    geometry = FixedGeometry.from_processor(processor)
+    geometry = adapter_named("llava").input_geometry(processor)
     assert geometry.image_size == image_size
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}],
                                          tokenize=False, add_generation_prompt=True)
@@ -80,7 +85,7 @@ def test_llava_processor_emits_the_predicted_count(processor_fn, image_size):
 @pytest.mark.parametrize("processor_fn", [tiny.tiny_qwen25vl_processor, tiny.trained_qwen25vl_processor])
 def test_qwen_processor_emits_the_predicted_count(processor_fn):
     processor = processor_fn()
-    geometry = DynamicGeometry.from_processor(processor)
+    geometry = adapter_named("qwen25vl").input_geometry(processor)
     pad = tiny.QWEN_SPECIALS.index("<|image_pad|>")
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                                         {"type": "text", "text": "what"}]}],
@@ -104,7 +109,7 @@ def test_qwen_processor_emits_the_predicted_count(processor_fn):
 
 
 def test_video_frames_share_one_grid():
-    geometry = DynamicGeometry.from_processor(tiny.trained_qwen25vl_processor())  # 14 px per token side
+    geometry = adapter_named("qwen25vl").input_geometry(tiny.trained_qwen25vl_processor())  # 14 px per token side
     frames = torch.rand(4, 3, 112, 84) * 255
     plan = plan_image(geometry, (112, 84), 0.25, resized=False)
     assert plan.grid == (4, 3) and plan.resize == (56, 42)  # 8 x 6 tokens → round(4), round(3)
@@ -144,3 +149,90 @@ def test_settings_validation():
     for fields, message in bad:
         with pytest.raises(ValueError, match=message):
             Downsample(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the families' prepare, the engine and the runner (tiny random models: 6 x 6 tokens per image)
+# ---------------------------------------------------------------------------------------------------------
+def test_budget_one_is_a_no_op(family):
+    vlm = tiny_vlm(family)
+    sample = make_sample(71)
+    baseline = vlm.prepare(sample)
+    inputs = vlm.prepare(sample, Downsample(budget=1.0))
+    assert inputs.keys() == baseline.keys() and all(torch.equal(inputs[k], baseline[k]) for k in baseline)
+    assert inputs.stats == {"native_visual_tokens": 36, "downsample_visual_tokens": 36}
+    with torch.no_grad(), tp.apply(vlm.model, Downsample(budget=1.0)):  # LLaVA: interpolation at the native size
+        logits = vlm.model(**inputs).logits
+    assert torch.equal(logits, stock_logits(vlm, baseline))
+
+
+@pytest.mark.parametrize("budget,side", [(0.25, 3), (9, 3), (16, 4), (1, 1)])
+def test_the_encoder_emits_the_planned_grid(family, budget, side):
+    vlm = tiny_vlm(family)
+    method = Downsample(budget=budget)
+    inputs = vlm.prepare(make_sample(72, size=(168, 168)), method)
+    layout = inputs.layout
+    assert layout.num_visual == side * side == inputs.stats["downsample_visual_tokens"]
+    assert [(g.rows, g.cols) for g in layout.groups] == [(side, side)]  # LLaVA: counted from the placeholders
+    with torch.no_grad(), tp.apply(vlm.model, method):
+        out = vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_llava_runs_clip_with_an_interpolated_position_table_only_while_applied():
+    vlm = tiny_vlm("tiny_llava")
+    inputs = vlm.prepare(make_sample(73), Downsample(budget=0.25))  # CLIP at 14 * 3 = 42 px
+    assert inputs["pixel_values"].shape[-2:] == (42, 42)
+    before = hook_snapshot(vlm.model)
+    with pytest.raises(ValueError, match="doesn't match model"):  # the stock CLIP refuses another input size
+        with torch.no_grad():
+            vlm.model(**inputs)
+    with torch.no_grad(), tp.apply(vlm.model, "downsample"):
+        vlm.model(**inputs)
+    assert hook_snapshot(vlm.model) == before
+    # the interpolated table: CLIP's own bicubic interpolation of its 6 x 6 position grid to 3 x 3
+    vision = vlm.model.model.vision_tower
+    with torch.no_grad():
+        resized = vision(inputs["pixel_values"], interpolate_pos_encoding=True).last_hidden_state
+        with tp.apply(vlm.model, "downsample"):
+            hooked = vision(inputs["pixel_values"]).last_hidden_state
+    assert torch.equal(hooked, resized)
+
+
+def test_two_llava_images_are_two_square_grids():
+    vlm = tiny_vlm("tiny_llava")
+    sample = tp.Sample(id="two", question="which is brighter ?", images=[make_image(74), make_image(75, (300, 200))])
+    inputs = vlm.prepare(sample, Downsample(budget=0.25))
+    assert [(g.rows, g.cols) for g in inputs.layout.groups] == [(3, 3), (3, 3)]
+
+
+def test_qwen_video_frames_share_one_smaller_grid():
+    from test_prunevid_decode import video_inputs  # 8 frames of 84 px: 4 temporal groups of 3 x 3
+
+    vlm = tiny_vlm("tiny_qwen25vl")
+    native = video_inputs(vlm, frames=8, size=84)
+    sample = tp.Sample(id="v", question="where does it move ?", video=tp.VideoFrames(
+        frames=np.random.default_rng(0).integers(0, 255, (8, 3, 84, 84), dtype=np.uint8), fps=4.0,
+        frame_indices=list(range(8)), total_frames=8))
+    inputs = vlm.prepare(sample, Downsample(budget=0.5))  # 3 x 3 → round(2.12) = 2 x 2 per temporal group
+    assert native.layout.num_visual == 36 and inputs.layout.num_visual == 16
+    assert inputs["video_grid_thw"].tolist() == [[4, 4, 4]]
+    assert inputs.stats == {"native_visual_tokens": 36, "downsample_visual_tokens": 16}
+
+
+def test_the_runner_prepares_downsample_its_own_way():
+    from types import SimpleNamespace
+
+    from tokenprune.run.runner import run_method
+
+    vlm = tiny_vlm("tiny_qwen25vl")
+    sample = make_sample(76)
+    scorer = SimpleNamespace(score=lambda prediction, sample: 1.0)
+    plan = SimpleNamespace(max_new_tokens=2, dataset=SimpleNamespace(scorer=scorer))
+    run = run_method(vlm, vlm.prepare(sample), Downsample(budget=0.25), sample, plan, eos=None)
+    assert run["error"] is None
+    assert (run["visual_tokens"], run["visual_tokens_original"]) == (9, 36)
+    assert run["method_stats"] == {"native_visual_tokens": 36, "downsample_visual_tokens": 9}
+    assert run["timing"]["vision_ms"] > 0
+    bad = run_method(vlm, vlm.prepare(sample), Downsample(budget=0.25, match="vtc"), sample, plan, eos=None)
+    assert bad["error"] is None  # Qwen: VTC-Bench's own pipeline runs

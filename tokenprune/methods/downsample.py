@@ -21,7 +21,15 @@ visual tokens N (one f for every image; frames of a video share one grid):
 
 ``match="vtc"`` reproduces VTC-Bench's official pipeline (Qwen): each image → ``(w // k, h // k)`` bicubic with
 ``k = round(1/sqrt(budget))`` (budget must be 1/k²), a JPEG round trip at ``jpeg_quality`` (even at k = 1),
-qwen-vl-utils' ``smart_resize`` (4 to 16384 tokens), then the processor as usual.
+qwen-vl-utils' ``smart_resize`` (4 to 16384 tokens), then the processor as usual. Videos are not resized (official).
+
+Wiring: the ``before_processor`` hook (the family's ``prepare`` consults it: ``vlm.prepare(sample, method)``; the
+runner prepares each sample again for such a method). The family gives the geometry (``input_geometry``); a family
+without one is refused. While ``downsample`` is applied, a fixed-geometry encoder runs with the family's
+``resized_vision_kwargs`` (CLIP: interpolated position table; exact at the native size). Under dynamic resolution,
+when some images shrink and others keep their grid, the latter are resized to their native grid by tokenprune too
+(the processor runs with ``do_resize=False`` for all): same token counts, pixels resampled by PIL.
+Reported (``Inputs.stats``): ``native_visual_tokens`` (N of the unchanged input) and ``downsample_visual_tokens``.
 """
 
 from __future__ import annotations
@@ -34,51 +42,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..engine.contract import DynamicGeometry, FixedGeometry
 from ._budget import budget_fraction, check_budget
-from .base import Method, ModelInfo, check_choice
+from .base import Method, ModelInfo, VisualInputs, check_choice, register
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Family geometry (which one a family uses is the family file's business; phase 2)
+# Family geometry: the contract's FixedGeometry / DynamicGeometry, given by the family file (``input_geometry``)
 # ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FixedGeometry:
-    """A fixed square encoder input (LLaVA-1.5: 336 px, 14 px patches → 24×24 tokens)."""
-
-    image_size: int = 336
-    patch_size: int = 14
-
-    @property
-    def side(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def from_processor(cls, processor) -> "FixedGeometry":
-        """From a ``LlavaProcessor``: the crop size and the patch size."""
-        return cls(image_size=processor.image_processor.crop_size["height"], patch_size=processor.patch_size)
-
-
-@dataclass(frozen=True)
-class DynamicGeometry:
-    """Dynamic resolution (Qwen2.5-VL: 14 px patches merged 2×2 → 28 px per token side; min/max pixels)."""
-
-    patch_size: int = 14
-    merge_size: int = 2
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    @classmethod
-    def from_processor(cls, processor) -> "DynamicGeometry":
-        """From a ``Qwen2_5_VLProcessor``: its image processor's patch, merge and pixel bounds."""
-        image = processor.image_processor
-        return cls(patch_size=image.patch_size, merge_size=image.merge_size,
-                   min_pixels=image.size["shortest_edge"], max_pixels=image.size["longest_edge"])
-
-
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The Qwen2-VL processor's size rule: multiples of ``factor``, pixels within bounds, aspect kept."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as stock
@@ -157,11 +128,19 @@ def plan_image(geometry, size: tuple[int, int], fraction: float, llava_mode: str
 
 
 def plan_sample(geometry, sizes: list[tuple[int, int]], budget: int | float, llava_mode: str = "vit",
-                resized: bool = True) -> list[ImagePlan]:
-    """Plans for every image of a sample: one fraction ``budget_fraction(N, budget)``, N = their native tokens."""
-    native = sum(a * b for a, b in (native_grid(geometry, size, resized) for size in sizes))
+                resized: bool = True, extra_tokens: int = 0) -> list[ImagePlan]:
+    """Plans for every image of a sample: one fraction ``budget_fraction(N, budget)``, N = their native tokens
+    (+ ``extra_tokens``: another input's, e.g. a video's, that shares the fraction). Under dynamic resolution, once
+    one image is resized for ``do_resize=False``, every other image is resized to its native grid as well."""
+    native = sum(a * b for a, b in (native_grid(geometry, size, resized) for size in sizes)) + extra_tokens
     fraction = budget_fraction(native, budget)
-    return [plan_image(geometry, size, fraction, llava_mode, resized) for size in sizes]
+    plans = [plan_image(geometry, size, fraction, llava_mode, resized) for size in sizes]
+    if isinstance(geometry, DynamicGeometry) and any(not plan.is_identity for plan in plans):
+        for plan in plans:
+            if plan.is_identity:
+                plan.resize = (geometry.factor * plan.grid[0], geometry.factor * plan.grid[1])
+                plan.processor_kwargs = {"do_resize": False}
+    return plans
 
 
 def resize_image(image: Image.Image, plan: ImagePlan) -> Image.Image:
@@ -207,13 +186,12 @@ def vtc_image(image: Image.Image, k: int, patch_size: int = 14, jpeg_quality: in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The method's settings (the preprocessing hook is wired in phase 2)
+# The method
 # ----------------------------------------------------------------------------------------------------------
+@register("downsample")
 @dataclass
 class Downsample(Method):
     """Downsample every image to about ``budget`` of its tokens; see the module docstring."""
-
-    name = "downsample"
 
     budget: int | float = 0.25  # status/budget.md; VTC-Bench's k = 2
     match: str = "tokens"  # tokens (grid-exact) | vtc (VTC-Bench's official pipeline, Qwen only)
@@ -236,3 +214,39 @@ class Downsample(Method):
         if self.match == "vtc" and model.rope != "mrope":
             raise ValueError(f"{self.name}.match='vtc' is VTC-Bench's Qwen pipeline (dynamic resolution); this model "
                              f"({model.family or model.rope}) has a fixed input: use match='tokens'")
+
+    # -- hook ------------------------------------------------------------------------------------------------
+    def before_processor(self, visuals: VisualInputs) -> VisualInputs:
+        geometry = visuals.geometry
+        if geometry is None:
+            raise ValueError(f"{self.name} is not defined for this model family: its family file gives no input "
+                             "geometry (input_geometry)")
+        images, video = visuals.images, visuals.video
+        sizes = [(image.height, image.width) for image in images]
+        native = sum(a * b for a, b in (native_grid(geometry, size) for size in sizes))
+        if video is not None:
+            if not isinstance(geometry, DynamicGeometry):
+                raise ValueError(f"{self.name}: video input needs a dynamic-resolution family")
+            steps = -(-video.shape[0] // geometry.temporal_patch_size)
+            frame_grid = native_grid(geometry, tuple(video.shape[-2:]), resized=False)
+            video_native = steps * frame_grid[0] * frame_grid[1]
+        else:
+            steps, video_native = 0, 0
+        stats = {"native_visual_tokens": native + video_native}
+        if self.match == "vtc":  # VTC-Bench: images only, no count known before the processor
+            k = vtc_factor(self.budget)
+            images = [vtc_image(image, k, geometry.patch_size, self.jpeg_quality) for image in images]
+            return VisualInputs(images, video, geometry, dict(visuals.processor_kwargs), {**visuals.stats, **stats})
+        plans = plan_sample(geometry, sizes, self.budget, self.llava_mode, extra_tokens=video_native)
+        kwargs = dict(visuals.processor_kwargs)
+        for plan in plans:
+            kwargs.update(plan.processor_kwargs)
+        images = [resize_image(image, plan) for image, plan in zip(images, plans)]
+        tokens = sum(plan.tokens for plan in plans)
+        if video is not None:
+            fraction = budget_fraction(native + video_native, self.budget)
+            frame_plan = plan_image(geometry, tuple(video.shape[-2:]), fraction, resized=False)
+            video = resize_frames(video, frame_plan)
+            tokens += steps * frame_plan.tokens
+        stats["downsample_visual_tokens"] = tokens
+        return VisualInputs(images, video, geometry, kwargs, {**visuals.stats, **stats})

@@ -150,13 +150,6 @@ class ModelAdapter(FamilySpec):
 register_adapter = register_family  # a family class decorator (kept under its first name)
 
 
-def runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each maximal run of True in ``flags`` ``[L]``."""
-    padded = torch.nn.functional.pad(flags.long(), (1, 1))
-    edges = (padded[1:] - padded[:-1]).nonzero().flatten().tolist()
-    return list(zip(edges[0::2], edges[1::2]))
-
-
 def model_options(model_config: dict) -> dict:
     """The processor options of a ``model`` config mapping (``model.image``, ``model.video``)."""
     return {group: dict(model_config.get(group) or {}) for group in ("image", "video")}

@@ -9,7 +9,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from ..data.sample import Sample
 from ..engine.contract import FixedGeometry, ModelInputError, VisualSpec
-from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model, runs_of
+from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
 from .images import load_images
 
 # The llava-hf template, used when a checkpoint's processor carries none.
@@ -30,6 +30,7 @@ class LlavaAdapter(ModelAdapter):
     model_classes = (LlavaForConditionalGeneration,)
     tiny_model = "tiny_llava"
     rope_name = "1d"
+    capture_keys = ("pixel_values", "mm_encoder_outputs")  # the image size of the call (downsample changes it)
     # CLIP at another input size than its own (downsample: 14·g px) needs its position table interpolated; at the
     # native size the interpolation returns the table itself, so the call is unchanged
     resized_vision_kwargs = {"interpolate_pos_encoding": True}
@@ -38,34 +39,35 @@ class LlavaAdapter(ModelAdapter):
         return model.model.vision_tower
 
     @staticmethod
-    def tokens_per_image(config) -> tuple[int, int, int]:
-        """(count, rows, cols) of LLM tokens per image from the vision config (one grid, no tiling)."""
+    def tokens_per_image(config, captured: dict | None = None) -> tuple[int, int, int]:
+        """(count, rows, cols) of LLM tokens per image (one grid, no tiling): from the call's own pixels or encoder
+        outputs when it has them (an input resized by ``downsample``: CLIP at 14·g px emits g × g), else from the
+        vision config (``image_size / patch_size`` squared)."""
         vision = config.vision_config
+        cls_kept = config.vision_feature_select_strategy != "default"
         side = vision.image_size // vision.patch_size
-        count = side * side + (0 if config.vision_feature_select_strategy == "default" else 1)
-        if count == side * side:
-            return count, side, side
-        return count, 1, count  # "full" keeps the CLS token: one row of side*side + 1 tokens
+        pixels = (captured or {}).get("pixel_values")
+        encoded = ((captured or {}).get("mm_encoder_outputs") or {}).get("image")
+        if pixels is not None:
+            side = pixels.shape[-1] // vision.patch_size
+        elif encoded is not None and len(encoded.pooler_output):
+            side = math.isqrt(encoded.pooler_output[0].shape[0] - cls_kept)
+        if not cls_kept:
+            return side * side, side, side
+        return side * side + 1, 1, side * side + 1  # "full" keeps the CLS token: one row of side*side + 1 tokens
 
     def visual_specs(self, model, captured: dict) -> list[VisualSpec]:
-        """One grid per image, from the placeholders: each run of image tokens (the template separates images) holds
-        whole images of the config's size, or one square g × g image (an input resized by ``downsample``)."""
+        """One grid per image; every image of a call has the same size (the call's pixels or encoder outputs say
+        which; the config's when neither is there)."""
         config = model.config
-        count, rows, cols = self.tokens_per_image(config)
+        count, rows, cols = self.tokens_per_image(config, captured)
         specs = []
         for row in captured["input_ids"]:
-            grids = []
-            for start, stop in runs_of(row == config.image_token_id):
-                found = stop - start
-                side = math.isqrt(found)
-                if found % count == 0:
-                    grids += [(1, rows, cols)] * (found // count)
-                elif side * side == found and rows == cols:
-                    grids.append((1, side, side))
-                else:
-                    raise ModelInputError(f"a run of {found} image tokens is neither whole images of {count} tokens "
-                                          "nor one square grid")
-            specs.append(VisualSpec(image_token_id=config.image_token_id, image_grids=tuple(grids)))
+            found = int((row == config.image_token_id).sum())
+            if found % count:
+                raise ModelInputError(f"{found} image tokens is not a multiple of {count} tokens per image")
+            specs.append(VisualSpec(image_token_id=config.image_token_id,
+                                    image_grids=tuple((1, rows, cols) for _ in range(found // count))))
         return specs
 
     def input_geometry(self, processor, options: dict | None = None) -> FixedGeometry | None:

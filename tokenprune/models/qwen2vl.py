@@ -26,7 +26,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from ..data.sample import Sample, VideoFrames
 from ..engine.contract import DynamicGeometry, ModelInputError, VisualSpec
-from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model, runs_of
+from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
 from .images import load_images
 
 IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels")
@@ -145,7 +145,7 @@ class Qwen2VLAdapter(ModelAdapter):
             grids = {}
             for token_id in (config.image_token_id, config.video_token_id):
                 runs = []
-                for start, stop in runs_of(row == token_id):
+                for start, stop in _runs_of(row == token_id):
                     h, w = thw[1, b, start:stop], thw[2, b, start:stop]
                     runs.append((stop - start, int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1))
                 grids[token_id] = self.group_runs(runs, token_id == config.video_token_id, captured)
@@ -385,6 +385,13 @@ def _check_video_grid(grid: list[int], frame_size: tuple[int, int, int], vision,
     if grid != expected:
         raise ModelInputError(f"video of sample {sample.id}: the processor produced grid {grid} for {frames} frames "
                               f"of {height}x{width} px, expected {expected} (was it resized twice?)")
+
+
+def _runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each maximal run of True in ``flags`` ``[L]``."""
+    padded = torch.nn.functional.pad(flags.long(), (1, 1))
+    edges = (padded[1:] - padded[:-1]).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
 
 
 def _grid_iterator(grid_thw, merge: int):

@@ -298,12 +298,15 @@ def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=No
     metrics["peak_memory_bytes"] = memory.peak
     metrics["extra_peak_memory_bytes"] = memory.extra
     metrics["memory_kind"] = memory.kind
-    metrics.update(token_metrics(vlm, inputs.layout, report))
+    metrics.update(token_metrics(vlm, inputs.layout, report, getattr(inputs, "stats", None)))
     return RunMeasurement(new_ids, report, metrics)
 
 
-def token_metrics(vlm, layout, report) -> dict:
-    """Visual tokens entering the decoder and layer-averaged, and analytic prefill FLOPs (all conventions)."""
+def token_metrics(vlm, layout, report, input_stats: dict | None = None) -> dict:
+    """Visual tokens entering the decoder and layer-averaged, and analytic prefill FLOPs (all conventions).
+    ``input_stats``: what a ``before_processor`` method reported (``native_visual_tokens``: the unchanged input's N,
+    reported as ``visual_tokens_original``)."""
+    input_stats = input_stats or {}
     shape = vlm.adapter.decoder_shape(vlm.adapter.text_config(vlm.model))
     if report is None or not report.layer_tokens:
         layer_tokens = [layout.length] * shape.layers
@@ -317,9 +320,10 @@ def token_metrics(vlm, layout, report) -> dict:
     flops = all_conventions(shape, layer_tokens, layer_visual)
     if report is not None and report.layer_plans:
         flops["tokenprune"] = report.flops(shape)  # layer plans skip rows: the token counts alone overcount
+    stats = {**input_stats, **stats}
     return {
         "prompt_tokens": layout.length,
-        "visual_tokens_original": layout.num_visual,
+        "visual_tokens_original": input_stats.get("native_visual_tokens", layout.num_visual),
         "visual_tokens": entering_visual,
         "visual_tokens_layer_mean": sum(layer_visual) / len(layer_visual),
         "tokens_entering_decoder": entering_tokens,

@@ -396,6 +396,8 @@ def run_sample(vlm, plan: Plan, index: int, eos) -> dict:
 
 def run_method(vlm, inputs, method, sample, plan: Plan, eos) -> dict:
     try:
+        if method.uses_before_processor:  # the method changes the preprocessing (downsample): its own inputs
+            inputs = vlm.prepare(sample, method)
         measured = measure_generation(vlm, inputs, method, plan.max_new_tokens, eos_token_id=eos)
     except Exception as error:  # out of memory, generation error: record and go on
         release_memory()
