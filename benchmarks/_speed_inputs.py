@@ -77,13 +77,23 @@ def visual_grids(vlm, visual: int, kind: str, frames: int) -> list[tuple[int, in
     return [(1, *grid_for(visual))]
 
 
-def build_prompt(vlm, visual: int, kind: str = "image", frames: int = 8, seed: int = 0) -> Prompt:
-    """A prompt with (about) ``visual`` visual tokens on ``vlm``'s device (see ``visual_grids``)."""
+def resized_grids(vlm, grids: list[tuple[int, int, int]], fraction: float) -> list[tuple[int, int, int]]:
+    """The grids a ``downsample`` of ``fraction`` gives (each side scaled by sqrt(fraction), rounded, >= 1; LLaVA's
+    fixed square crop shrinks to g x g with CLIP at 14·g px)."""
+    from tokenprune.methods.downsample import scaled_grid
+
+    return [(t, *scaled_grid((rows, cols), fraction)) for t, rows, cols in grids]
+
+
+def build_prompt(vlm, visual: int, kind: str = "image", frames: int = 8, seed: int = 0,
+                 grids: list[tuple[int, int, int]] | None = None) -> Prompt:
+    """A prompt with (about) ``visual`` visual tokens on ``vlm``'s device (see ``visual_grids``), or exactly ``grids``
+    (a downsampled input)."""
     if kind == "video" and not supports_video(vlm):
         raise ValueError(f"{vlm.name} takes no video input")
     config = vlm.model.config
     device = vlm.device
-    grids = visual_grids(vlm, visual, kind, frames)
+    grids = grids or visual_grids(vlm, visual, kind, frames)
     generator = torch.Generator().manual_seed(seed)
     special = {getattr(config, key, None) for key in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                       "vision_end_token_id", "pad_token_id", "eos_token_id")}
@@ -111,8 +121,9 @@ def _encoder_inputs(vlm, grids, kind: str, input_ids: torch.Tensor, generator) -
     config = vlm.model.config
     vision = config.vision_config
     device, dtype = vlm.device, next(vlm.model.parameters()).dtype
-    if fixed_size_images(vlm):
-        pixels = torch.randn(len(grids), 3, vision.image_size, vision.image_size, generator=generator)
+    if fixed_size_images(vlm):  # a g x g grid: the encoder at patch·g px (the native size: image_size)
+        size = vision.patch_size * grids[0][1]
+        pixels = torch.randn(len(grids), 3, size, size, generator=generator)
         return {}, {"pixel_values": pixels.to(device, dtype)}
     merge = vision.spatial_merge_size
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2

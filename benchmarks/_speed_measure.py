@@ -92,6 +92,7 @@ class Prefill:
     memory_kind: str
     kv_cache_bytes: int
     synchronizations: int | None = None
+    pre_llm_ms_all: list[float] = field(default_factory=list)  # the before_llm part of the overhead, per call
 
     @property
     def ms(self) -> float:
@@ -100,6 +101,10 @@ class Prefill:
     @property
     def overhead_ms(self) -> float:
         return median(self.overheads_ms) or 0.0
+
+    @property
+    def pre_llm_ms(self) -> float:
+        return median(self.pre_llm_ms_all) or 0.0
 
 
 def measure_prefill(vlm, inputs: dict, method: Method, repeats: int, warmup: int, around=nullcontext,
@@ -137,7 +142,7 @@ def measure_prefill(vlm, inputs: dict, method: Method, repeats: int, warmup: int
     times = spans.durations_ms()[first : first + repeats]
     overheads = [r.overhead_ms for r in reports if r is not None]
     return Prefill(times, overheads, report, cache, memory.peak, memory.extra, memory.kind, kv_cache_bytes(cache),
-                   syncs)
+                   syncs, [r.pre_llm_ms for r in reports if r is not None])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ method at 2-3 budgets, the decoder prefill runs with the encoder output passed i
 
 * prefill: the text decoder's forward, warm-up then median of ``--repeats`` (CUDA events);
 * ideal: sum over layers of one decoder layer's measured time at that layer's token count (PrefillReport);
-* overhead: the method hooks' time (scoring + selection), from the PrefillReport;
+* overhead: the method hooks' time (scoring + selection), from the PrefillReport; its pre-LLM part (``before_llm``:
+  merging before the decoder) also in its own column;
+* a preprocessing method (``downsample``) runs on its own smaller input (the prompt's grids scaled to its token
+  fraction), whose vision-encoder time is that row's;
 * decode: one step per token on the resulting KV cache, with the method applied and for the stock model on the
   same cache (same per-layer lengths), interleaved, median;
 * peak allocated memory during the prefill and KV-cache bytes after it;
@@ -44,11 +47,13 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # the benchmarks/_speed_*.py helpers
 
 import tokenprune as tp  # noqa: E402
+from tokenprune.engine.apply import apply  # noqa: E402
 from tokenprune.engine.flops import DecoderShape, all_conventions  # noqa: E402
+from tokenprune.methods._budget import budget_fraction  # noqa: E402
 from tokenprune.run.measure import release_memory  # noqa: E402
 from tokenprune.run.runner import method_label  # noqa: E402
 
-from _speed_inputs import build_prompt, load_random_model, supports_video  # noqa: E402
+from _speed_inputs import build_prompt, load_random_model, resized_grids, supports_video  # noqa: E402
 from _speed_measure import (PEER_SCORING_LAYERS, EagerMapScoring, LayerTimer, Schedule,  # noqa: E402
                             eager_attention_maps, ideal_prefill_ms, measure_decode, measure_prefill, measure_vision)
 from _speed_report import write_outputs  # noqa: E402
@@ -75,7 +80,8 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
     A budget r is the fraction of the visual tokens a method keeps at its first reduction: FastV / random /
     uniform keep r at layer 2; PDrop keeps r, r/2, r/4 at 1/4, 1/2, 3/4 depth; HiMAP keeps r then r/4; PruneVid
     merges to r clusters per group; layer skip runs visual rows through the first r of the layers only (both
-    sublayers skipped in the rest). A method not listed here runs at ``keep_ratio=r`` if it has that field,
+    sublayers skipped in the rest); SparseVLM ends with r·N tokens after its (depth-scaled) stages. A method not
+    listed here runs at ``keep_ratio=r`` or ``budget=r`` (DART, pool, downsample: r·N tokens) if it has that field,
     else once with its defaults.
     """
     if name == "baseline":
@@ -94,12 +100,18 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
         elif name == "layerskip":
             skipped = list(range(max(1, round(num_layers * r)), num_layers))
             fields = {"mlp": skipped, "attn": skipped}
+        elif name == "sparsevlm":  # the official stages 3, 7, 16 of 32 scaled to the depth; exactly r·N tokens after
+            fields = {"budget": r, "layers": sorted({min(num_layers - 1, max(1, round(num_layers * k / 32)))
+                                                     for k in (3, 7, 16)})}
         else:
             cls = tp.methods.method_class(name)
-            has_ratio = dataclasses.is_dataclass(cls) and "keep_ratio" in {f.name for f in dataclasses.fields(cls)}
-            if not has_ratio:
+            known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+            if "keep_ratio" in known:
+                fields = {"keep_ratio": r}
+            elif "budget" in known:  # the issue-18 methods: a fraction of the visual tokens (status/budget.md)
+                fields = {"budget": r}
+            else:
                 return [(None, {})]
-            fields = {"keep_ratio": r}
         configs.append((r, fields))
     return configs
 
@@ -121,6 +133,7 @@ def measure_row(vlm, args, prompt, inputs, method, row: dict, around=None, decod
     try:
         prefill = measure_prefill(vlm, inputs, method, args.repeats, args.warmup, around=around or nullcontext)
         row.update(prefill_ms=prefill.ms, prefill_ms_all=prefill.times_ms, overhead_ms=prefill.overhead_ms,
+                   pre_llm_ms=prefill.pre_llm_ms,
                    peak_bytes=prefill.peak_bytes, extra_peak_bytes=prefill.extra_peak_bytes,
                    memory_kind=prefill.memory_kind, kv_cache_bytes=prefill.kv_cache_bytes,
                    synchronizations=prefill.synchronizations)
@@ -148,7 +161,7 @@ def finish_group(rows: list[dict], timer: LayerTimer, vision_ms: float) -> None:
     """Ideal times, and ratios against the group's unpruned SDPA row (same model, N and input)."""
     for row in rows:
         schedule = row.pop("_schedule", None)
-        row["vision_ms"] = vision_ms
+        row["vision_ms"] = row.pop("_vision_ms", vision_ms)  # a downsampled input has its own encoder time
         if row["status"] != "ok":
             continue
         prefill = row["prefill_ms"]
@@ -157,7 +170,7 @@ def finish_group(rows: list[dict], timer: LayerTimer, vision_ms: float) -> None:
         row["overhead_pct"] = 100.0 * row["overhead_ms"] / prefill
         if row.get("decode_ms") is not None and row.get("decode_stock_ms"):
             row["decode_vs_stock"] = row["decode_ms"] / row["decode_stock_ms"]
-        row["ttft_ms"], row["ttft_ideal_ms"] = vision_ms + prefill, vision_ms + ideal
+        row["ttft_ms"], row["ttft_ideal_ms"] = row["vision_ms"] + prefill, row["vision_ms"] + ideal
     ok = [r for r in rows if r["status"] == "ok"]
     base = next((r for r in ok if r["method"] == "baseline" and r["variant"] == "tokenprune"), None)
     for row in ok:
@@ -206,7 +219,12 @@ def measure_group(vlm, args, prompt, names: list[str], timer: LayerTimer, log) -
     def run(method, method_name, label, variant="tokenprune", budget=None, fields=None, around=None, decode=True):
         row = base_row(vlm.name, prompt, method_name, label, variant, budget, fields or {})
         row["intra_llm"] = method.uses_prune_layers or method.uses_layer_plan
-        group.append(measure_row(vlm, args, prompt, inputs, method, row, around, decode))
+        row["pre_llm"] = method.uses_before_llm
+        if method.uses_before_processor:  # a smaller input (downsample): its own prompt and encoder time
+            row["_vision_ms"], own_prompt, own_inputs = resized_input(vlm, args, prompt, method)
+            group.append(measure_row(vlm, args, own_prompt, own_inputs, method, row, around, decode))
+        else:
+            group.append(measure_row(vlm, args, prompt, inputs, method, row, around, decode))
         result = f"{row['prefill_ms']:9.2f} ms" if row["status"] == "ok" else row["reason"]
         log(f"{vlm.name} N={prompt.visual} {prompt.kind:5s} {label:60s} {result}  ({row['wall_s']:.1f} s)")
 
@@ -238,6 +256,16 @@ def measure_group(vlm, args, prompt, names: list[str], timer: LayerTimer, log) -
     release_memory()
     finish_group(group, timer, vision_ms)
     return group
+
+
+def resized_input(vlm, args, prompt, method):
+    """(vision ms, prompt, decoder inputs) of the input a preprocessing method (downsample) gives: the prompt's grids
+    scaled to its token fraction, encoded while the method is applied (LLaVA: CLIP's position table interpolated)."""
+    fraction = budget_fraction(prompt.visual, method.budget)
+    small = build_prompt(vlm, prompt.visual, prompt.kind, grids=resized_grids(vlm, prompt.grids, fraction))
+    with apply(vlm.model, method):
+        vision_ms, encoded = measure_vision(vlm, small, args.repeats, args.warmup)
+    return vision_ms, small, small.decoder_inputs(encoded)
 
 
 def run_model(name: str, args, log) -> list[dict]:

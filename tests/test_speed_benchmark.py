@@ -194,3 +194,18 @@ def test_real_7b_architectures_and_prompts_on_the_meta_device():
     prompt = build_prompt(llava, 4096)
     assert prompt.visual == 4032 and prompt.pixel_inputs["pixel_values"].shape == (7, 3, 336, 336)
     assert prompt.tokens <= llava.model.config.text_config.max_position_embeddings
+
+
+def test_pre_llm_overhead_column_and_downsampled_inputs(smoke):
+    """Pooling's before-decoder time is reported apart (and is part of the overhead); downsample runs on its own
+    smaller input: 8 x 8 → 6 x 6 / 4 x 4 tokens (Qwen), 12 x 12 → 8 x 8 / 6 x 6 (LLaVA's CLIP at 14·g px)."""
+    results, out, _ = smoke
+    ok = [r for r in results["rows"] if r["status"] == "ok" and r["variant"] == "tokenprune"]
+    pool = [r for r in ok if r["method"] == "pool"]
+    assert pool and all(r["pre_llm"] and 0 < r["pre_llm_ms"] <= r["overhead_ms"] for r in pool)
+    assert all(not r["pre_llm"] for r in ok if r["method"] in ("dart", "sparsevlm", "fastv"))
+    expected = {("tiny_qwen25vl", 0.5): 36, ("tiny_qwen25vl", 0.25): 16, ("tiny_llava", 0.5): 64,
+                ("tiny_llava", 0.25): 36}
+    downsample = {(r["model"], r["budget"]): r for r in ok if r["method"] == "downsample"}
+    assert {key: row["mean_visual"] for key, row in downsample.items()} == expected
+    assert "| pre-LLM ms |" in (out / "speed.md").read_text()

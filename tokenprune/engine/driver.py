@@ -194,7 +194,8 @@ class Driver:
                                                               embeds.device), side=side)
         call = PrefillCall(seq=seq, cache=self._prefill_cache(kwargs), decode=DecodeState(),
                            report=PrefillReport(prompt_tokens=length, visual_tokens=seq.layouts[0].num_visual,
-                                                timer=OverheadTimer(embeds.device)))
+                                                timer=OverheadTimer(embeds.device),
+                                                pre_llm_timer=OverheadTimer(embeds.device)))
         if call.cache is not None:
             setattr(call.cache, STATE_ATTRIBUTE, call.decode)
         if all(layout.num_visual == 0 for layout in seq.layouts):
@@ -232,7 +233,7 @@ class Driver:
 
     def _before_llm(self, call: PrefillCall, reducer) -> None:
         seq = call.seq
-        with call.report.timer:
+        with call.report.timer, call.report.pre_llm_timer:
             reductions = []
             for b, layout in enumerate(seq.layouts):
                 sample = DecoderInput(seq.hidden[b : b + 1], seq.positions[b : b + 1], layout, call.report.stats,
