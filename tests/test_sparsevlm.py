@@ -274,8 +274,11 @@ def test_layers_empty_or_keeping_everything_gives_the_stock_logits(family):
         assert torch.equal(logits, stock_logits(vlm, inputs)), fields
 
 
+RANK = dict(schedule="rank", rank_scale=2.0)  # v1: k = min(int(2 rank), n_v - 1) per stage
+
+
 @pytest.mark.parametrize("positions", ["auto", "keep"])
-@pytest.mark.parametrize("fields", [{}, MERGING], ids=["retain192", "merging"])
+@pytest.mark.parametrize("fields", [{}, MERGING, RANK], ids=["retain192", "merging", "rank"])
 def test_stages_equal_eager_attention_references(family, positions, fields):
     """Per stage: kept rows = top-k of layer K-1's eager probabilities (head mean, rater rows, visual columns); the
     recycled rows = the top-m dropped rows clustered as the reference DPC-KNN, each the members' official mean; the
@@ -301,8 +304,10 @@ def test_stages_equal_eager_attention_references(family, positions, fields):
         layout, hidden, reduction = seen["layout"], seen["hidden"], seen["reduction"]
         visual, text = layout.visual_rows(), layout.text_after_visual_rows()
         probs = attentions[seen["layer"] - 1].mean(0)  # [L, L] head mean of layer K - 1
-        scores = probs[text[raters]][:, visual].mean(0)  # [n_v]
-        k = min(counts[stage], visual.numel() - 1)
+        relation = probs[text[raters]][:, visual]  # [|Q|, n_v]
+        scores = relation.mean(0)  # [n_v]
+        k = min(counts[stage], visual.numel() - 1) if "rank" not in fields.values() else \
+            min(int(int(torch.linalg.matrix_rank(relation.float())) * 2.0), visual.numel() - 1)
         order = sorted(range(visual.numel()), key=lambda i: (-float(scores[i]), i))
         kept = sorted(visual[order[:k]].tolist())
         assert sorted(set(reduction.keep.tolist()) & set(visual.tolist())) == kept, f"stage {stage}"
@@ -333,6 +338,17 @@ def test_stages_equal_eager_attention_references(family, positions, fields):
     assert stats["sparsevlm_stage_visual"] == session.last_report.layer_visual[2:5]
     assert stats["sparsevlm_official_tokens"] == pytest.approx(
         official_equal_tokens(n, LAYERS, stats["sparsevlm_stage_visual"], 6))
+
+
+def test_budget_gives_exactly_that_many_tokens_after_the_last_stage(family):
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(54))
+    for budget, expected in ((9, 9), (0.5, 18), (3, 3)):
+        with torch.no_grad(), tp.apply(vlm.model, "sparsevlm", layers=LAYERS, budget=budget) as session:
+            vlm.model(**inputs)
+        visual = session.last_report.layer_visual
+        assert visual[-1] == expected and visual[:2] == [36, 36], budget
+        assert visual[2:] == [geometric_targets(36, expected, 3)[s] for s in (0, 1, 2)] + [expected], budget
 
 
 def test_the_scores_are_not_positional(family):
