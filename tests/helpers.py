@@ -199,3 +199,18 @@ class Frozen(Method):
                                 anchor=torch.where(m["anchor"] >= 0, inverse[m["anchor"].clamp(min=0)],
                                                    step.layout.length), positions=m["positions"])
         return Selection(keep, merged=merged, reindex_positions=record["reindex"])
+
+
+def assert_cached_decoding_equals_recompute(vlm, inputs, out, method: Method, steps: int) -> None:
+    """Every greedy step of ``out`` (``generate`` with ``forced_generation``, cached) equals a forward without a cache
+    of the prompt so far under ``method`` (which must reproduce the prefill's reductions: a replay, or a method that
+    does not depend on the text), to fp32 kernel differences; the chosen tokens agree."""
+    import tokenprune as tp
+
+    prompt_length = inputs["input_ids"].shape[1]
+    for step in range(steps):
+        extended = prompt_so_far(inputs, out.sequences, step)
+        with torch.no_grad(), tp.apply(vlm.model, method):
+            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)
+        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])

@@ -16,7 +16,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_image, make_sample, stock_logits, tiny_vlm
-from helpers import LayerSpy, Replay, forced_choice, forced_generation, prompt_so_far, rotary_tables, stock_prefill
+from helpers import LayerSpy, Replay, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_prefill
 from tokenprune.engine.compat import output_cache
 from tokenprune.methods.base import ModelInfo, resolve_positions
 from tokenprune.methods.dart import (DART, OFFICIAL_POSITIONS, budget_per_pivot, dart_keep, duplication_keep,
@@ -353,14 +353,7 @@ def test_cached_generation_equals_recomputing_the_frozen_selection(family):
     steps = 4
     with torch.no_grad(), tp.apply(vlm.model, "dart", keep=16) as session:
         out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
-    replay = Replay(kept=session.last_report.kept)
-    prompt_length = inputs["input_ids"].shape[1]
-    for step in range(steps):
-        extended = prompt_so_far(inputs, out.sequences, step)
-        with torch.no_grad(), tp.apply(vlm.model, replay):
-            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences
-        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+    assert_cached_decoding_equals_recompute(vlm, inputs, out, Replay(kept=session.last_report.kept), steps)
 
 
 def test_scopes_on_two_images(family):

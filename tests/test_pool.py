@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
-from helpers import LayerSpy, forced_choice, forced_generation, prompt_so_far, rotary_tables, stock_decoder_call
+from helpers import LayerSpy, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_decoder_call
 from test_reduction import final_logits, layers_by_hand
 from tokenprune.engine.contract import DecoderInput
 from tokenprune.methods._budget import budget_fraction
@@ -267,13 +267,8 @@ def test_cached_generation_equals_recomputing_the_pooled_prefill(family, positio
     steps = 3
     with torch.no_grad(), tp.apply(vlm.model, "pool", positions=positions):
         out = vlm.model.generate(**inputs, **forced_generation(vlm, steps))
-    prompt_length = inputs["input_ids"].shape[1]
-    for step in range(steps):
-        extended = prompt_so_far(inputs, out.sequences, step)
-        with torch.no_grad(), tp.apply(vlm.model, "pool", positions=positions):  # pooling ignores the text
-            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)
-        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+    # pooling does not depend on the text: the method itself recomputes the same pooled prefill
+    assert_cached_decoding_equals_recompute(vlm, inputs, out, Pool(positions=positions), steps)
 
 
 def test_budget_modes_and_side_inputs(family):

@@ -16,7 +16,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, sharp_tiny_vlm, stock_logits, tiny_vlm
-from helpers import (Frozen, LayerSpy, forced_choice, forced_generation, prompt_so_far, rotary_tables,
+from helpers import (Frozen, LayerSpy, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables,
                      stock_decoder_call)
 from test_dpc_knn import reference_dpc_knn
 from tokenprune.engine.compat import output_cache
@@ -375,13 +375,7 @@ def test_cache_lengths_and_cached_decoding_equal_recomputing_the_frozen_stages(f
         lengths = [layer.get_seq_length() for layer in cache.layers]
     assert lengths == [L - n + v for v in visual]
     frozen.replay = True
-    prompt_length = inputs["input_ids"].shape[1]
-    for step in range(steps):
-        extended = prompt_so_far(inputs, out.sequences, step)
-        with torch.no_grad(), tp.apply(vlm.model, frozen):
-            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)  # fp32 kernel differences
-        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+    assert_cached_decoding_equals_recompute(vlm, inputs, out, frozen, steps)
 
 
 def test_reindex_is_refused_where_undefined(family):
