@@ -9,7 +9,7 @@ import pytest
 
 import tokenprune as tp
 from tokenprune.data.scorers import VQAAccuracy
-from tokenprune.run.difficulty import analysis, correct, format_analysis, split
+from tokenprune.run.difficulty import analysis, correct, format_analysis, sections, split
 
 
 def vectors(seed: int, n: int = 200):
@@ -65,3 +65,26 @@ def test_textvqa_is_correct_from_two_matching_annotators():
 
     assert score(2) == pytest.approx(0.6) and correct(score(2))
     assert score(1) == pytest.approx(0.3) and not correct(score(1))
+
+
+def test_sections_from_run_records():
+    """Records as the runner writes them: a downsample run with its own baseline, a method in another run, a
+    sample that failed before any method ran and a failed method run."""
+    run_a = [{"id": "a", "error": None, "runs": {"baseline": {"score": 1.0, "error": None},
+                                                "downsample": {"score": 0.0, "error": None}}},
+             {"id": "b", "error": None, "runs": {"baseline": {"score": 1.0, "error": None},
+                                                "downsample": {"score": 1.0, "error": None}}},
+             {"id": "c", "error": "ModelInputError: bad image", "runs": {}}]
+    run_b = [{"id": "a", "error": None, "runs": {"baseline": {"score": 1.0, "error": None},
+                                                "fastv": {"score": None, "error": "out of memory"}}},
+             {"id": "b", "error": None, "runs": {"baseline": {"score": 1.0, "error": None},
+                                                "fastv": {"score": 1.0, "error": None}}}]
+    rows = [{"label": "baseline", "method": "baseline", "records": run_a, "record_label": "baseline"},
+            {"label": "downsample", "method": "downsample", "records": run_a, "record_label": "downsample",
+             "visual_tokens": 9.0},
+            {"label": "fastv", "method": "fastv", "records": run_b, "record_label": "fastv", "visual_tokens": 9.0}]
+    text = "\n".join(sections(rows, "tiny"))
+    assert "solved by the unpruned model: 2; difficult (downsampling wrong): 1; simple: 1" in text
+    assert "| fastv | 9.0 | 50.0 (-50.0 [" in text  # the failed run on a counts wrong (all: 1 of 2)
+    assert "| downsample | 9.0 | 50.0 (-50.0 [" in text and "| 0.0 (-100.0) |" in text  # 0 % on A, one sample
+    assert sections(rows[:1] + rows[2:], "tiny") == []  # no downsample run: no table

@@ -93,3 +93,39 @@ def _cell(part: dict) -> str:
     low, high = part["ci95"]
     interval = "" if math.isnan(low) else f" [{100 * low:+.1f}, {100 * high:+.1f}]"
     return f"{part['accuracy']:.1f} ({100 * part['delta']:+.1f}{interval})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From finished runs
+# ---------------------------------------------------------------------------------------------------------
+def scores_of(records: list[dict], label: str) -> dict:
+    """Sample id → score of ``label``'s run (None where it failed); samples it did not run on are absent, and so
+    are samples that failed before any method ran."""
+    scores = {}
+    for record in records:
+        run = record.get("runs", {}).get(label)
+        if record.get("error") is None and run is not None:
+            scores[record["id"]] = run.get("score") if run.get("error") is None else None
+    return scores
+
+
+def sections(rows: list[dict], title: str, threshold: float = THRESHOLD) -> list[str]:
+    """One table per downsample row: every row on the whole set, the difficult and the simple subset.
+
+    ``rows``: comparable runs' rows (same model, dataset and samples), each ``{"label": table label, "method":
+    method name, "records": its run's records, "record_label": its label there, "visual_tokens": mean visual
+    tokens entering the decoder}``. A downsample row is split against the unpruned run of its own records
+    (``baseline``), else the first baseline row.
+    """
+    baselines = [row for row in rows if row["method"] == "baseline"]
+    out = []
+    for downsample in (row for row in rows if row["method"] == "downsample"):
+        own = scores_of(downsample["records"], "baseline")
+        baseline = own or (scores_of(baselines[0]["records"], baselines[0]["record_label"]) if baselines else {})
+        if not baseline:
+            continue
+        methods = {row["label"]: scores_of(row["records"], row["record_label"]) for row in rows}
+        result = analysis(baseline, scores_of(downsample["records"], downsample["record_label"]), methods, threshold)
+        tokens = {row["label"]: row.get("visual_tokens") for row in rows}
+        out += [format_analysis(result, f"Difficult subset of {title}: {downsample['label']}", tokens), ""]
+    return out
