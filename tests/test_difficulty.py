@@ -4,6 +4,7 @@ a method's missing results count wrong, with the filter model = the target model
 and downsampling 0 % on A, and TextVQA counts as correct from 2 matching annotators (VQA accuracy 0.6) on."""
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -53,8 +54,8 @@ def test_by_hand():
     assert result["methods"]["baseline"]["difficult"]["accuracy"] == 100.0
     assert result["methods"]["downsample"]["difficult"]["accuracy"] == 0.0
     assert result["methods"]["downsample"]["simple"]["accuracy"] == 100.0
-    table = format_analysis(result, "synthetic", tokens={"m": 9.0})
-    assert "difficult (downsampling wrong): 2" in table and "| m | 9.0 | 50.0 (" in table
+    table = format_analysis(result, "synthetic", tokens={"m": (36.0, 9.0)})
+    assert "difficult (downsampling wrong): 2" in table and "| m | 36.0 / 9.0 | 50.0 (" in table
 
 
 def test_textvqa_is_correct_from_two_matching_annotators():
@@ -81,10 +82,42 @@ def test_sections_from_run_records():
                                                 "fastv": {"score": 1.0, "error": None}}}]
     rows = [{"label": "baseline", "method": "baseline", "records": run_a, "record_label": "baseline"},
             {"label": "downsample", "method": "downsample", "records": run_a, "record_label": "downsample",
-             "visual_tokens": 9.0},
-            {"label": "fastv", "method": "fastv", "records": run_b, "record_label": "fastv", "visual_tokens": 9.0}]
+             "visual_tokens": 9.0, "visual_tokens_layer_mean": 9.0},
+            {"label": "fastv", "method": "fastv", "records": run_b, "record_label": "fastv", "visual_tokens": 36.0,
+             "visual_tokens_layer_mean": 9.0}]
     text = "\n".join(sections(rows, "tiny"))
     assert "solved by the unpruned model: 2; difficult (downsampling wrong): 1; simple: 1" in text
-    assert "| fastv | 9.0 | 50.0 (-50.0 [" in text  # the failed run on a counts wrong (all: 1 of 2)
-    assert "| downsample | 9.0 | 50.0 (-50.0 [" in text and "| 0.0 (-100.0) |" in text  # 0 % on A, one sample
+    assert "| fastv | 36.0 / 9.0 | 50.0 (-50.0 [" in text  # the failed run on a counts wrong (all: 1 of 2)
+    assert "| downsample | 9.0 / 9.0 | 50.0 (-50.0 [" in text and "| 0.0 (-100.0) |" in text  # 0 % on A, one sample
     assert sections(rows[:1] + rows[2:], "tiny") == []  # no downsample run: no table
+
+
+def test_the_report_shows_the_difficult_subset_of_real_runs(tmp_path):
+    """Two runs of the trained tiny LLaVA on the same samples — downsample (with its unpruned run) and FastV, both at
+    a quarter of the visual tokens — and the report's difficult-subset table, checked against the records."""
+    from hydra import compose, initialize_config_module
+
+    from tokenprune.run.report import collect, write_report
+    from tokenprune.run.results import read_records
+    from tokenprune.run.runner import run_benchmark
+
+    def run(name: str, *overrides: str) -> Path:
+        with initialize_config_module("tokenprune.conf", version_base=None):
+            cfg = compose("config", overrides=[f"run.output_dir={tmp_path / name}", "run.progress=false",
+                                               "run.max_new_tokens=1", "dataset.limit=8", *overrides])
+        run_benchmark(cfg)
+        return tmp_path / name
+
+    downsample = run("downsample", "method=downsample", "method.budget=0.25")
+    run("fastv", "method=fastv", "method.keep_ratio=0.25")
+    (group,) = collect([tmp_path])
+    records = {r["id"]: r for r in read_records(downsample)}
+    solved = [i for i, r in records.items() if r["runs"]["baseline"]["score"] >= 0.5]
+    difficult = [i for i in solved if records[i]["runs"]["downsample"]["score"] < 0.5]
+    text = "\n".join(group.difficulty())
+    assert f"solved by the unpruned model: {len(solved)}; difficult (downsampling wrong): {len(difficult)}" in text
+    assert "| fastv(keep_ratio=0.25) | 144.0 / 72.0 |" in text  # 36 from layer 2 of 6: (2·144 + 4·36) / 6 = 72
+    assert "| downsample | 36.0 / 36.0 |" in text  # 12² → 6² tokens from the encoder
+    assert (len(group.runs[0].records), len(records)) == (8, 8)
+    report = write_report([tmp_path], tmp_path / "report").read_text()
+    assert "Difficult subset of" in report

@@ -72,17 +72,18 @@ def analysis(baseline: dict, downsample: dict, methods: dict[str, dict], thresho
     return {"split": parts, "methods": rows}
 
 
-def format_analysis(result: dict, title: str, tokens: dict[str, float] | None = None) -> str:
-    """A Markdown table of ``analysis``'s result; ``tokens``: each label's mean visual tokens entering the decoder."""
+def format_analysis(result: dict, title: str, tokens: dict[str, tuple] | None = None) -> str:
+    """A Markdown table of ``analysis``'s result; ``tokens``: each label's mean visual tokens (entering the decoder,
+    layer-averaged), to see which methods ran at the downsample's budget."""
     parts: Split = result["split"]
     lines = [f"**{title}** — solved by the unpruned model: {len(parts.solved)}; difficult (downsampling wrong): "
              f"{len(parts.difficult)}; simple: {len(parts.simple)}"
              + (f"; without a downsample result: {len(parts.skipped)}" if parts.skipped else ""), "",
-             "| method | visual tokens | all: acc % (Δ vs baseline [95% CI]) | difficult: acc % (Δ [95% CI]) "
+             "| method | visual in / layer-avg | all: acc % (Δ vs baseline [95% CI]) | difficult: acc % (Δ [95% CI]) "
              "| simple: acc % (Δ [95% CI]) |", "|---|---|---|---|---|"]
     for label, row in result["methods"].items():
         cells = [_cell(row[part]) for part in ("all", "difficult", "simple")]
-        visual = "—" if not tokens or tokens.get(label) is None else f"{tokens[label]:.1f}"
+        visual = " / ".join("—" if v is None else f"{v:.1f}" for v in (tokens or {}).get(label, (None, None)))
         lines.append(f"| {label} | {visual} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,8 +115,8 @@ def sections(rows: list[dict], title: str, threshold: float = THRESHOLD) -> list
 
     ``rows``: comparable runs' rows (same model, dataset and samples), each ``{"label": table label, "method":
     method name, "records": its run's records, "record_label": its label there, "visual_tokens": mean visual
-    tokens entering the decoder}``. A downsample row is split against the unpruned run of its own records
-    (``baseline``), else the first baseline row.
+    tokens entering the decoder, "visual_tokens_layer_mean": layer-averaged}``. A downsample row is split against the
+    unpruned run of its own records (``baseline``), else the first baseline row.
     """
     baselines = [row for row in rows if row["method"] == "baseline"]
     out = []
@@ -126,6 +127,6 @@ def sections(rows: list[dict], title: str, threshold: float = THRESHOLD) -> list
             continue
         methods = {row["label"]: scores_of(row["records"], row["record_label"]) for row in rows}
         result = analysis(baseline, scores_of(downsample["records"], downsample["record_label"]), methods, threshold)
-        tokens = {row["label"]: row.get("visual_tokens") for row in rows}
+        tokens = {row["label"]: (row.get("visual_tokens"), row.get("visual_tokens_layer_mean")) for row in rows}
         out += [format_analysis(result, f"Difficult subset of {title}: {downsample['label']}", tokens), ""]
     return out

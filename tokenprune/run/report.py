@@ -10,7 +10,10 @@ any of these land in separate tables, each saying what it holds. Inside a group,
 beside the baseline it was computed against: runs whose unpruned runs gave the same per-sample scores share one
 baseline row, others get their own baseline row, labelled with its run. Plots, one set per group: the headline
 metric (in its unit, on its range) against layer-averaged visual tokens and against prefill FLOPs (G/T by
-magnitude), one line per method and run, and the paired deltas with their intervals.
+magnitude), one line per method and run, and the paired deltas with their intervals. A group holding a
+``downsample`` run also gets the difficulty filter (VTC-Bench, ``run/difficulty.py``): every method on the whole
+set, on the samples the unpruned model solves but downsampling does not (difficult) and on the rest (simple), with
+paired deltas.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from .difficulty import sections as difficulty_sections  # noqa: E402
 from .results import (RESULTS_FILE, SIGNATURE_FILE, SUMMARY_FILE, format_table, read_records,  # noqa: E402
                       summarize)
 
@@ -175,6 +179,14 @@ class Group:
             lines.append(f"partial runs: {', '.join(partial)}")
         return [line + "  " for line in lines[:-1]] + lines[-1:] + [""]
 
+    def difficulty(self) -> list[str]:
+        """The difficult-subset view (``run/difficulty.py``) for every downsample row of the group (none without)."""
+        rows = [{"label": row.label, "method": row.method, "records": row.run.records,
+                 "record_label": row.entry.get("label", "baseline"), "visual_tokens": row.entry.get("visual_tokens"),
+                 "visual_tokens_layer_mean": row.entry.get("visual_tokens_layer_mean")}
+                for row in self.rows]
+        return difficulty_sections(rows, self.title)
+
     def table(self) -> str:
         summary = {row.label: row.entry for row in self.rows}
         return format_table(summary, self.title, runs={row.label: self._run_cell(row) for row in self.rows},
@@ -227,7 +239,7 @@ def collect(paths: list[str | Path]) -> list[Group]:
 
 def tables(paths: list[str | Path]) -> str:
     """The Markdown tables of every group of runs below ``paths`` (what a sweep prints at its end)."""
-    return "\n\n".join(group.table() for group in collect(paths))
+    return "\n\n".join("\n\n".join([group.table(), *group.difficulty()]).rstrip() for group in collect(paths))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,7 +381,8 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
         stem = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
         rows = _plot_rows(group)
         title = f"{group.title} · runs: {', '.join(r.name for r in group.runs)}"
-        sections += [group.table(), "", f"![accuracy vs tokens]({stem}_tokens.png) ![accuracy vs FLOPs]({stem}_flops.png)", ""]
+        sections += [group.table(), "", *group.difficulty(),
+                     f"![accuracy vs tokens]({stem}_tokens.png) ![accuracy vs FLOPs]({stem}_flops.png)", ""]
         for x, suffix in (("visual_tokens_layer_mean", "tokens"), ("flops", "flops")):
             figure = pareto_figure(rows, x, title)
             figure.savefig(out / f"{stem}_{suffix}.png", dpi=120)
