@@ -29,7 +29,8 @@ from ..engine.attention import QKNormAttentionMath
 from ..engine.contract import ModelInputError, PruningInputError
 from ..engine.flops import DecoderShape
 from .base import ModelSpec, register_adapter, register_model
-from .qwen2vl import Qwen2VLAdapter, tiny_qwen_ids, tiny_qwen_processor, tiny_qwen_text
+from .qwen2vl import Qwen2VLAdapter
+from .zoo.tiny import QWEN_TEMPLATE, tiny_qwen_ids, tiny_qwen_processor, tiny_qwen_text
 
 
 @register_adapter
@@ -105,14 +106,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def tiny_processor(self):
         from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-        from .zoo.tiny import QWEN_TEMPLATE
-
-        processor = tiny_qwen_processor(Qwen3VLProcessor, video_processor_class=Qwen3VLVideoProcessor)
         # the real template writes the video as one unspaced "<|vision_start|><|video_pad|><|vision_end|>", which
         # the processor collapses before writing one run per temporal step (timestamp, start, pads, end)
-        processor.chat_template = QWEN_TEMPLATE.replace("<|vision_start|> <|video_pad|> <|vision_end|>",
-                                                        "<|vision_start|><|video_pad|><|vision_end|>")
-        return processor
+        template = QWEN_TEMPLATE.replace("<|vision_start|> <|video_pad|> <|vision_end|>",
+                                         "<|vision_start|><|video_pad|><|vision_end|>")
+        return tiny_qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, chat_template=template)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,12 +158,10 @@ def tiny_qwen3vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_he
                         rope_theta: float = 5000000.0, experts: int = 0) -> Qwen3VLConfig | Qwen3VLMoeConfig:
     """A tiny random Qwen3-VL (168 x 168 px image → 6 x 6 = 36 visual tokens with ``tiny_processor``), DeepStack
     from every vision layer into decoder layers 1..3; ``experts`` > 0: the MoE variant (top-2)."""
-    from .zoo.tiny import qwen_tokenizer
-
     moe = dict(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2,
                decoder_sparse_step=1, mlp_only_layers=[]) if experts else {}
-    text = tiny_qwen_text(len(qwen_tokenizer()), layers, hidden, heads, kv_heads, intermediate, rope_theta,
-                          section=[3, 3, 2], head_dim=hidden // heads, **moe)
+    text = tiny_qwen_text(layers, hidden, heads, kv_heads, intermediate, rope_theta, section=[3, 3, 2],
+                          head_dim=hidden // heads, **moe)
     text["rope_parameters"]["mrope_interleaved"] = True
     return (Qwen3VLMoeConfig if experts else Qwen3VLConfig)(
         text_config=text,
