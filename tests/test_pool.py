@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenprune as tp
-from conftest import make_sample, stock_logits, tiny_vlm
+from conftest import FAMILIES, make_sample, stock_logits, takes_video, tiny_vlm
 from helpers import LayerSpy, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_decoder_call
 from test_reduction import final_logits, layers_by_hand
 from tokenprune.engine.contract import DecoderInput
@@ -200,22 +200,32 @@ def test_keeping_every_cell_gives_the_stock_logits(family):
     vlm = tiny_vlm(family)
     inputs = vlm.prepare(make_sample(61))
     for fields in ({"stride": 1}, {"budget": 1.0}, {"stride": 1, "mode": "max"}):
+        if fields.get("mode") == "max" and vlm.info().side_inputs:  # Qwen3-VL's DeepStack: refused, even at stride 1
+            with pytest.raises(ValueError, match=rf"pool\.mode='max' is not a weighted sum: the {vlm.adapter.family} "):
+                with tp.apply(vlm.model, "pool", **fields):
+                    pass
+            continue
         with torch.no_grad(), tp.apply(vlm.model, "pool", **fields):
             assert torch.equal(vlm.model(**inputs).logits, stock_logits(vlm, inputs)), fields
 
 
 def pooled_by_hand(vlm, inputs, rule: str):
     """Decoder input of the image pooled 2 x 2 (6 x 6 → 3 x 3) by hand: embeddings (float64 window means), the
-    positions of ``rule`` and the rows' count; ``grid`` on mRoPE from the model's own rope index of the pooled
-    input."""
+    positions of ``rule``, and the side inputs (Qwen3-VL's DeepStack features) pooled with the same window means;
+    ``grid`` on mRoPE from the model's own rope index of the pooled input."""
     call = stock_decoder_call(vlm, inputs)
     embeds, positions = call["embeds"][0], call["positions"][0]  # [L, d], [P, L]
     visual = inputs.layout.visual_rows()
     start, grid = int(visual[0]), visual.view(6, 6)
     windows = [grid[2 * i: 2 * i + 2, 2 * j: 2 * j + 2].flatten() for i in range(3) for j in range(3)]
-    pooled = torch.stack([embeds[w].double().mean(0) for w in windows]).to(embeds.dtype)
     after = torch.arange(int(visual[-1]) + 1, embeds.shape[0])
-    new_embeds = torch.cat([embeds[:start], pooled, embeds[after]])
+
+    def pool_rows(x):  # [L, d] → [L', d]: the image's rows replaced by its window means
+        pooled = torch.stack([x[w].double().mean(0) for w in windows]).to(x.dtype)
+        return torch.cat([x[:start], pooled, x[after]])
+
+    new_embeds = pool_rows(embeds)
+    side = {layer: pool_rows(values[0])[None] for layer, values in call["side"].items()}
     length = new_embeds.shape[0]
     if rule == "keep":
         means = torch.tensor([[round(float(positions[p, w].double().mean())) for w in windows]
@@ -231,7 +241,7 @@ def pooled_by_hand(vlm, inputs, rule: str):
         thw = inputs["image_grid_thw"].clone()
         thw[0, 1:] = 6  # 3 x 3 LLM tokens = 6 x 6 patches
         new_positions = outer.get_rope_index(ids, types, image_grid_thw=thw)[0][:, 0]
-    return new_embeds[None], new_positions[None]
+    return new_embeds[None], new_positions[None], side
 
 
 @pytest.mark.parametrize("positions", ["auto", "keep", "reindex", "grid"])
@@ -245,9 +255,9 @@ def test_pooled_prefill_equals_a_hand_built_reference(family, positions):
         return
     rule = Pool(positions=positions).position_rule(info)
     inputs = vlm.prepare(make_sample(62))
-    embeds, new_positions = pooled_by_hand(vlm, inputs, rule)
+    embeds, new_positions, side = pooled_by_hand(vlm, inputs, rule)
     with torch.no_grad():
-        reference = final_logits(vlm, layers_by_hand(vlm, embeds, new_positions, {},
+        reference = final_logits(vlm, layers_by_hand(vlm, embeds, new_positions, side,
                                                      range(len(vlm.adapter.layers(vlm.model)))))
         with tp.apply(vlm.model, "pool", positions=positions) as session, LayerSpy(vlm, 0) as spy:
             logits = vlm.model(**inputs).logits[0]
@@ -274,8 +284,8 @@ def test_cached_generation_equals_recomputing_the_pooled_prefill(family, positio
 def test_budget_modes_and_side_inputs(family):
     vlm = tiny_vlm(family)
     inputs = vlm.prepare(make_sample(64))
-    for fields, visual in (({"budget": 9}, 9), ({"budget": 0.25}, 9), ({"stride": 4}, 4), ({"mode": "max"}, 9),
-                           ({"mode": "bilinear"}, 9)):
+    modes = [({"budget": 9}, 9), ({"budget": 0.25}, 9), ({"stride": 4}, 4), ({"mode": "bilinear"}, 9)]
+    for fields, visual in modes + ([] if vlm.info().side_inputs else [({"mode": "max"}, 9)]):
         with torch.no_grad(), tp.apply(vlm.model, "pool", **fields) as session:
             vlm.model(**inputs)
         assert session.last_report.visual_entering_decoder == visual, fields
@@ -294,3 +304,39 @@ def test_video_temporal_pooling():
     with torch.no_grad(), tp.apply(vlm.model, "pool", stride=2, t_stride=2, positions="grid") as session:
         vlm.model(**inputs)
     assert session.last_report.visual_entering_decoder == 2 * 2 * 2  # 4 → 2 groups, 3 x 3 → 2 x 2 (ceil)
+
+
+@pytest.mark.parametrize("family", [name for name in FAMILIES if takes_video(name)])
+def test_video_grid_positions_equal_the_models_own_rope_index_of_the_pooled_video(family):
+    """4 temporal groups of 3 x 3 pooled 2 x 2 (ceil) with positions='grid': the layer-0 rotary tables are those of
+    the model's own rope index of a native video of 2 x 2 tokens per group (Qwen3-VL: one run per frame, a
+    timestamp before each, positioned run by run)."""
+    from test_prunevid_decode import video_inputs
+
+    vlm = tiny_vlm(family)
+    inputs = video_inputs(vlm, frames=8, size=84)
+    layout = inputs.layout
+    assert [(g.rows, g.cols) for g in layout.groups] == [(3, 3)] * 4
+    kept = torch.ones(layout.length, dtype=torch.bool)  # the pooled input's rows: the first 4 of each group
+    for group in range(4):
+        kept[layout.group_rows(group)[4:]] = False
+    extra = {key: inputs[key] for key in ("second_per_grid_ts",) if key in inputs}
+    outer = vlm.adapter.outer_model(vlm.model)
+    thw = inputs["video_grid_thw"].clone()
+    thw[0, 1:] = 4  # 2 x 2 LLM tokens = 4 x 4 patches
+    positions, _ = outer.get_rope_index(inputs["input_ids"][:, kept], inputs["mm_token_type_ids"][:, kept],
+                                        video_grid_thw=thw, **extra)
+    with torch.no_grad(), tp.apply(vlm.model, "pool", stride=2, positions="grid") as session, \
+            LayerSpy(vlm, 0) as spy:
+        vlm.model(**inputs)
+    assert session.last_report.visual_entering_decoder == 16
+    for got, want in zip(spy.calls[0]["tables"], rotary_tables(vlm, positions.permute(1, 0, 2))):
+        assert torch.equal(got, want)
+    if vlm.adapter.video_runs_per_frame:  # a temporal window would span two runs
+        with pytest.raises(ValueError, match=rf"pool\.positions='grid' with t_stride=2 is not defined for the "
+                                             rf"{vlm.adapter.family} family"):
+            with torch.no_grad(), tp.apply(vlm.model, "pool", stride=2, t_stride=2, positions="grid"):
+                vlm.model(**inputs)
+    with torch.no_grad(), tp.apply(vlm.model, "pool", stride=2, t_stride=2, positions="keep") as session:
+        vlm.model(**inputs)
+    assert session.last_report.visual_entering_decoder == 2 * 2 * 2

@@ -24,7 +24,9 @@ convention). ``reindex``: contiguous (1-D RoPE only). ``grid``: what a native im
 1-D RoPE renumbers the sequence contiguously; mRoPE gives the pooled cell (i, j) of a source starting at ``st`` the
 positions ``(t, st + i, st + j)`` (``t``: the window's first temporal group's) and shifts every later row so text
 resumes at ``st + max(h', w')``, as transformers 5.25's ``get_rope_index`` on the pooled ``grid_thw`` (the temporal
-extent does not count there; tested against it); decoding continues after the new maximum.
+extent does not count there; tested against it); decoding continues after the new maximum. A video whose frames
+the family writes as separate runs (Qwen3-VL: a timestamp before each) is positioned run by run, as its own
+rope index does (t_stride > 1 with ``grid`` is refused there: a window would span runs).
 
 Engine wiring (``before_llm``): per image / video (its temporal groups in order, a ``(t, h, w)`` grid), the pooled
 rows are merged rows (members and weights from the windows; values ``pooling.apply``), placed where the window's
@@ -232,6 +234,30 @@ class Pool(Method):
             return "grid"
         return resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
+    def runs(self, groups: list[int], group_rows: list[torch.Tensor], pooling: GridPooling,
+             model: ModelInfo | None) -> list[tuple[int, int, GridPooling]]:
+        """``(first_row, end_row, pooling)`` per contiguous run of one source's rows (``grid_positions``' input).
+
+        A source is one run, except a video whose temporal groups the family writes as separate runs (Qwen3-VL: a
+        timestamp between frames), where each run of groups is pooled (and positioned) as a grid of its own; with
+        ``t_stride`` > 1 a window would span runs, which no native input of the pooled grid describes.
+        """
+        starts = [0] + [i for i in range(1, len(groups)) if int(group_rows[i][0]) != int(group_rows[i - 1][-1]) + 1]
+        if len(starts) == 1:
+            return [(int(group_rows[0][0]), int(group_rows[-1][-1]) + 1, pooling)]
+        if self.t_stride != 1:
+            family = model.family if model is not None else "this"
+            raise ValueError(f"{self.name}.positions='grid' with t_stride={self.t_stride} is not defined for the "
+                             f"{family} family: its video frames are separate runs (timestamps between them), so a "
+                             "temporal window spans runs; use t_stride=1 or positions='keep'")
+        _, h, w = pooling.shape
+        out = []
+        for start, end in zip(starts, starts[1:] + [len(groups)]):
+            run = GridPooling((end - start, h, w), ([(i, i + 1) for i in range(end - start)], *pooling.windows[1:]),
+                              pooling.mode)
+            out.append((int(group_rows[start][0]), int(group_rows[end - 1][-1]) + 1, run))
+        return out
+
     def plan(self, shape: tuple[int, int, int], fraction: float | None = None) -> GridPooling:
         """The pooling of one grid; ``fraction``: ``budget_fraction(N, budget)`` of the sample (budget only)."""
         if self.budget is not None:
@@ -250,7 +276,8 @@ class Pool(Method):
         embeds, positions = seq.embeds[0], seq.positions[0]  # [L, d], [P, L]
         device = embeds.device
         sources, into, weights, anchor, values, means, grids = [], [], [], [], [], [], []
-        count = 0
+        rule = self.position_rule(seq.model)
+        count, num_in = 0, 0
         for groups in source_groups(layout):
             group_rows = [layout.group_rows(g) for g in groups]  # each [h * w], raster order
             rows = torch.cat(group_rows)
@@ -265,14 +292,15 @@ class Pool(Method):
             anchor.append(starts.repeat_interleave(pooling.num_out // len(starts)))
             values.append(pooling.apply(embeds[rows]))
             means.append(mean_positions(positions[:, rows], pooling))
-            grids.append((int(rows[0]), int(rows[-1]) + 1, pooling))
+            if rule == "grid":
+                grids += self.runs(groups, group_rows, pooling, seq.model)
+            num_in += pooling.shape[0] * pooling.shape[1] * pooling.shape[2]
             count += pooling.num_out
-        if all(pooling.num_out == pooling.shape[0] * pooling.shape[1] * pooling.shape[2] for *_, pooling in grids):
+        if count == num_in:
             return None  # every window is one cell: nothing changes
         merged = MergedRows(sources=torch.cat(sources), into=torch.cat(into), weights=torch.cat(weights),
                             anchor=torch.cat(anchor), values=torch.cat(values), positions=torch.cat(means, dim=1))
         reduction = Reduction(layout.text_rows(), merged=merged)
-        rule = self.position_rule(seq.model)
         if rule == "reindex":
             reduction.reindex_positions = True
         elif rule == "grid":
