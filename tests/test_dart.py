@@ -16,7 +16,8 @@ import torch
 
 import tokenprune as tp
 from conftest import make_image, make_sample, stock_logits, tiny_vlm
-from helpers import LayerSpy, Replay, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_prefill
+from helpers import Frozen, LayerSpy, Replay, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_prefill
+from test_reduction import logits_after_a_reduction_by_hand
 from tokenprune.engine.compat import output_cache
 from tokenprune.methods.base import ModelInfo, resolve_positions
 from tokenprune.methods.dart import (DART, OFFICIAL_POSITIONS, budget_per_pivot, dart_keep, duplication_keep,
@@ -266,6 +267,24 @@ def test_kept_rows_equal_the_official_loop_on_the_stock_prefill(family, fields):
     visual = inputs.layout.visual_rows().tolist()
     assert expected not in (visual[: len(expected)], visual[-len(expected):])  # content-dependent, not positional
     assert session.last_report.layer_visual == [n, n] + [len(expected)] * 4
+
+
+@pytest.mark.parametrize("positions", ["auto", "reindex"])
+def test_logits_equal_the_stock_layers_run_by_hand(family, positions):
+    """DART at layer 2 (13 visual rows survive): the logits equal the stock decoder layers run by hand on the kept
+    rows, with their own later side inputs (Qwen3-VL's DeepStack features) and positions by the rule."""
+    vlm = tiny_vlm(family)
+    if positions == "reindex" and not vlm.info().reindex_positions:
+        return  # refused there (test_cache_lengths_and_positions)
+    inputs = vlm.prepare(make_sample(36))
+    frozen = Frozen(inner=DART(budget=13, positions=positions))
+    with torch.no_grad(), tp.apply(vlm.model, frozen):
+        logits = vlm.model(**inputs).logits[0]
+    record = frozen.recorded[2]
+    assert record["keep"].numel() == inputs.layout.length - inputs.layout.num_visual + 13
+    with torch.no_grad():
+        reference = logits_after_a_reduction_by_hand(vlm, inputs, 2, record)
+    assert torch.equal(logits, reference)  # bitwise: the same kernels on the same rows
 
 
 def test_keys_from_the_cache_equal_recomputed_keys(family):

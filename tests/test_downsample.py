@@ -22,6 +22,7 @@ from tokenprune.models.zoo import tiny
 
 LLAVA15 = FixedGeometry(336, 14)
 QWEN25VL = DynamicGeometry(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056)  # the 7B's config
+QWEN3VL = DynamicGeometry(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216)  # Qwen3-VL's config
 
 
 def image(width, height, seed=0):
@@ -82,10 +83,34 @@ def test_llava_processor_emits_the_predicted_count(processor_fn, image_size):
             assert torch.equal(encoded["pixel_values"], baseline["pixel_values"])
 
 
-@pytest.mark.parametrize("processor_fn", [tiny.tiny_qwen25vl_processor, tiny.trained_qwen25vl_processor])
-def test_qwen_processor_emits_the_predicted_count(processor_fn):
+def qwen3vl_published_processor():
+    """The stock Qwen3-VL processor with the published image settings (16 px patches, a 2 x 2 merge: 32 px per
+    token side; 65536 to 16777216 px) and the test tokenizer."""
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    template = adapter_named("qwen3vl").tiny_processor().chat_template
+    return tiny.tiny_qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, min_pixels=65536, max_pixels=16777216,
+                                    patch_size=16, chat_template=template)
+
+
+def test_qwen3vl_counts_by_hand():
+    # 640 x 480 px at 32 px per token: 15 x 20 (N = 300). sqrt(b / 300) scales each side:
+    # 192: 12 x 16 = 192; 128: 9.80 x 13.06 → 10 x 13 = 130; 64: 6.93 x 9.24 → 7 x 9 = 63
+    geometry = adapter_named("qwen3vl").input_geometry(qwen3vl_published_processor())
+    assert geometry == QWEN3VL and native_grid(geometry, (480, 640)) == (15, 20)
+    plans = {b: plan_sample(geometry, [(480, 640)], b)[0] for b in (192, 128, 64)}
+    assert {b: (p.tokens, p.grid, p.resize) for b, p in plans.items()} == {
+        192: (192, (12, 16), (384, 512)), 128: (130, (10, 13), (320, 416)), 64: (63, (7, 9), (224, 288))}
+    # 20 x 30 px is raised above min_pixels: scale sqrt(65536 / 600) = 10.45, ceil(209 / 32) = 7, ceil(313.5 / 32) = 10
+    assert native_grid(geometry, (20, 30)) == (7, 10)
+
+
+@pytest.mark.parametrize("processor_fn,family", [(tiny.tiny_qwen25vl_processor, "qwen25vl"),
+                                                 (tiny.trained_qwen25vl_processor, "qwen25vl"),
+                                                 (qwen3vl_published_processor, "qwen3vl")])
+def test_qwen_processor_emits_the_predicted_count(processor_fn, family):
     processor = processor_fn()
-    geometry = adapter_named("qwen25vl").input_geometry(processor)
+    geometry = adapter_named(family).input_geometry(processor)
     pad = tiny.QWEN_SPECIALS.index("<|image_pad|>")
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                                         {"type": "text", "text": "what"}]}],
@@ -206,10 +231,12 @@ def test_two_llava_images_are_two_square_grids():
     assert [(g.rows, g.cols) for g in inputs.layout.groups] == [(3, 3), (3, 3)]
 
 
-def test_qwen_video_frames_share_one_smaller_grid():
+@pytest.mark.parametrize("family", ["tiny_qwen25vl", "tiny_qwen3vl"])
+def test_qwen_video_frames_share_one_smaller_grid(family):
+    """Qwen2.5-VL: one run of 4 groups; Qwen3-VL: one run per temporal group (timestamps between), each 2 x 2."""
     from test_prunevid_decode import video_inputs  # 8 frames of 84 px: 4 temporal groups of 3 x 3
 
-    vlm = tiny_vlm("tiny_qwen25vl")
+    vlm = tiny_vlm(family)
     native = video_inputs(vlm, frames=8, size=84)
     sample = tp.Sample(id="v", question="where does it move ?", video=tp.VideoFrames(
         frames=np.random.default_rng(0).integers(0, 255, (8, 3, 84, 84), dtype=np.uint8), fps=4.0,
@@ -218,6 +245,9 @@ def test_qwen_video_frames_share_one_smaller_grid():
     assert native.layout.num_visual == 36 and inputs.layout.num_visual == 16
     assert inputs["video_grid_thw"].tolist() == [[4, 4, 4]]
     assert inputs.stats == {"native_visual_tokens": 36, "downsample_visual_tokens": 16}
+    assert [(g.rows, g.cols) for g in inputs.layout.groups] == [(2, 2)] * 4
+    with torch.no_grad():
+        vlm.model(**inputs)  # the stock model takes the smaller video (its rope index, DeepStack rows)
 
 
 def test_the_runner_prepares_downsample_its_own_way():

@@ -19,6 +19,7 @@ from conftest import make_sample, sharp_tiny_vlm, stock_logits, tiny_vlm
 from helpers import (Frozen, LayerSpy, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables,
                      stock_decoder_call)
 from test_dpc_knn import reference_dpc_knn
+from test_reduction import logits_after_a_reduction_by_hand
 from tokenprune.engine.compat import output_cache
 from tokenprune.methods.base import ModelInfo, resolve_positions
 from tokenprune.methods.sparsevlm import (OFFICIAL_COUNTS, OFFICIAL_POSITIONS, SparseVLM, fixed_keep,
@@ -338,6 +339,22 @@ def test_stages_equal_eager_attention_references(family, positions, fields):
     assert stats["sparsevlm_stage_visual"] == session.last_report.layer_visual[2:5]
     assert stats["sparsevlm_official_tokens"] == pytest.approx(
         official_equal_tokens(n, LAYERS, stats["sparsevlm_stage_visual"], 6))
+
+
+def test_a_stage_equals_the_stock_layers_run_by_hand_side_inputs_included(family):
+    """One stage at layer 2 (4 kept rows; 23 dropped rows recycled into 3): the logits equal the stock decoder
+    layers run by hand around the stage applied by hand — a recycled row is its members' sum with the official
+    weights, and so are its later side inputs (Qwen3-VL: the DeepStack features of layer 3), positions by the rule."""
+    vlm = tiny_vlm(family)
+    inputs = vlm.prepare(make_sample(55))
+    frozen = Frozen(inner=SparseVLM(layers=[2], counts=[64], recycle_frac=0.7))
+    with torch.no_grad(), tp.apply(vlm.model, frozen):
+        logits = vlm.model(**inputs).logits[0]
+    record = frozen.recorded[2]
+    assert record["keep"].numel() == inputs.layout.length - 36 + 4 and int(record["merged"]["into"].max()) == 2
+    with torch.no_grad():
+        reference = logits_after_a_reduction_by_hand(vlm, inputs, 2, record)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # fp32 merged values vs fp64 sums
 
 
 def test_budget_gives_exactly_that_many_tokens_after_the_last_stage(family):
