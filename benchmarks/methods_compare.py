@@ -1,0 +1,235 @@
+"""Every token-reduction method on the tiny trained checkpoints at equal retained tokens (issue 18), with paired
+deltas against the unpruned model and the difficulty filter's view (VTC-Bench: the samples plain downsampling
+gets wrong).
+
+One benchmark run per model (``python -m tokenprune`` with ``run.compare``, the runner's code path) on the same
+held-out samples of ``synthetic_image`` (N = 144 visual tokens per image), two blocks of methods:
+
+* **decoder input**: the methods that reduce before the decoder keep 1/4 of N (36 tokens) in every layer;
+* **layer-averaged**: every method keeps 1/2 of N averaged over the 6 decoder layers (72): the pre-LLM methods
+  keep 72 at the decoder input; the intra-LLM ones prune harder later (FastV / random / uniform / DART keep 36 from
+  layer 2 on, PDrop 108 / 72 / 36 from layers 1 / 2 / 3, HiMAP 54 then 18 from layers 2 and 4, SparseVLM's
+  geometric stages 72 / 36 / 18 at layers 2 / 3 / 4). Grid methods (pool, downsample) round to a grid (8 x 8).
+
+The table shows what each run measured: visual tokens entering the decoder and layer-averaged, accuracy with the
+paired delta [95% bootstrap interval] against the unpruned model on all samples, and the same on the *difficult*
+subset (solved unpruned, wrong after ``downsample`` at the block's budget). PruneVid is video-only (not here).
+
+    python benchmarks/methods_compare.py              # measure (100 samples per model), write the data, render
+    python benchmarks/methods_compare.py --render     # re-render the Markdown from the committed data only
+    python benchmarks/methods_compare.py --check      # re-measure the first samples (quick) and compare
+
+Data: ``docs/tables/methods_compare.json`` (one record per model and sample, every method's run on it); the
+table lives in ``docs/methods/compare.md`` between ``<!-- table:methods_compare -->`` markers. With
+``benchmarks/_tables.py`` present (the generated-tables mechanism) the source and table register there as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "docs" / "tables" / "methods_compare.json"
+DOCUMENT = ROOT / "docs" / "methods" / "compare.md"
+NAME = "methods_compare"
+MODELS = ("tiny_llava", "tiny_qwen25vl")
+SAMPLES, QUICK_SAMPLES = 100, 1
+RUN_KEYS = ("prediction", "score", "error", "visual_tokens", "visual_tokens_layer_mean")
+
+PRE_LLM = ("visionzip", "vispruner", "divprune", "cdpruner", "pool", "downsample")
+BLOCKS = {  # block -> (title, target fraction of N, method specs); one benchmark run per model and block
+    "input": ("1/4 of N at the decoder input", 0.25, [{"name": name, "budget": 0.25} for name in PRE_LLM]),
+    "layer_avg": ("1/2 of N layer-averaged", 0.5, [
+        {"name": "fastv", "keep_ratio": 0.25},
+        {"name": "random", "keep_ratio": 0.25},
+        {"name": "uniform", "keep_ratio": 0.25},
+        {"name": "dart", "budget": 0.25},
+        {"name": "pdrop", "layers": [1, 2, 3], "ratios": [0.75, 0.5, 0.25]},
+        {"name": "himap", "text_layer": 2, "image_layer": 4, "text_keep": 0.375, "image_keep": 0.125},
+        {"name": "sparsevlm", "layers": [2, 3, 4], "budget": 0.125},
+        *({"name": name, "budget": 0.5} for name in PRE_LLM),
+    ]),
+}
+
+try:  # the generated-tables mechanism (benchmarks/_tables.py), where it exists
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _tables import source, table
+except ImportError:
+    def source(name, volatile=()):
+        return lambda fn: fn
+
+    def table(name, source):
+        return lambda fn: fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------
+def overrides(model: str, limit: int) -> list[str]:
+    return [f"model={model}", "dataset=synthetic_image", f"dataset.limit={limit}", "method=baseline"]
+
+
+def run_block(model: str, specs: list[dict], limit: int) -> tuple[list[str], list[dict]]:
+    """One benchmark run (the unpruned model + ``specs``): its labels and per-sample records (slimmed)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from tokenprune.run.results import read_records
+    from tokenprune.run.runner import run_benchmark
+
+    with tempfile.TemporaryDirectory() as directory:
+        with initialize_config_module("tokenprune.conf", version_base=None):
+            cfg = compose("config", overrides=[f"run.output_dir={directory}", "run.progress=false",
+                                               *overrides(model, limit)])
+        OmegaConf.update(cfg, "run.compare", specs, force_add=True)
+        payload = run_benchmark(cfg)
+        records = read_records(directory)
+    slim = [{"id": r["id"], "index": r["index"], "error": r["error"],
+             "runs": {label: {k: run[k] for k in RUN_KEYS if k in run} for label, run in r["runs"].items()}}
+            for r in records]
+    return list(payload["methods"]), slim
+
+
+@source(NAME)
+def measure(quick: bool) -> dict:
+    """Every method on the tiny trained checkpoints at equal retained tokens (docs/methods/compare.md)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models are latency-bound (and the records do not depend on the thread count)
+    try:
+        return _measure(QUICK_SAMPLES if quick else SAMPLES)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(limit: int) -> dict:
+    specs = [spec for _, _, block_specs in BLOCKS.values() for spec in block_specs]
+    runs, records = {}, []
+    for model in MODELS:  # one run per model: the unpruned model once, every block's methods on the same samples
+        labels, model_records = run_block(model, specs, limit)
+        blocks = {}
+        for block, (_, _, block_specs) in BLOCKS.items():
+            start = 1 + sum(len(b[2]) for b in list(BLOCKS.values())[: list(BLOCKS).index(block)])
+            blocks[block] = labels[start: start + len(block_specs)]
+        runs[model] = {"labels": labels, "blocks": blocks, "specs": specs, "overrides": overrides(model, SAMPLES),
+                       "samples": len(model_records)}
+        records += [{"key": f"{model}/{r['id']}", "run": model, **r} for r in model_records]
+    return {"runs": runs, "records": records}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------------
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(part: dict) -> str:
+    if not part["n"]:
+        return "—"
+    text = f"{part['accuracy']:.1f} ({100 * part['delta']:+.1f}"
+    low, high = part["ci95"]
+    if low == low:  # not NaN
+        text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return (text + ")").replace("-", "−")
+
+
+@table(NAME, source=NAME)
+def render(data: dict) -> str:
+    from tokenprune.run.difficulty import analysis, scores_of
+
+    out = []
+    for model in MODELS:
+        run = data["runs"][model]
+        records = [r for r in data["records"] if r["run"] == model]
+        baseline = scores_of(records, "baseline")
+        lines = [f"**{model}** · synthetic_image · {run['samples']} held-out samples", "",
+                 "| retained tokens | method | visual in | visual layer-avg | all: acc % (Δ [95% CI]) | "
+                 "difficult: acc % (Δ [95% CI]) |", "|---|---|---:|---:|---|---|"]
+        for block, (title, _, _) in BLOCKS.items():
+            labels = run["blocks"][block]
+            downsample = next(label for label in labels if label.startswith("downsample"))
+            shown = (["baseline"] if block == next(iter(BLOCKS)) else []) + labels  # the unpruned row once
+            result = analysis(baseline, scores_of(records, downsample),
+                              {label: scores_of(records, label) for label in shown})
+            split = result["split"]
+            for label in shown:
+                ok = [r["runs"][label] for r in records if r["runs"].get(label, {}).get("error", 1) is None]
+                visual = _mean([entry.get("visual_tokens") for entry in ok])
+                layer_avg = _mean([entry.get("visual_tokens_layer_mean") for entry in ok])
+                row = result["methods"][label]
+                where = "all (unpruned)" if label == "baseline" else title
+                lines.append(f"| {where} | `{label}` | {visual:.1f} | {layer_avg:.1f} | {_cell(row['all'])} | "
+                             f"{_cell(row['difficult'])} |")
+            lines.append(f"| {title} | *difficult subset*: `{downsample}` wrong | | | | {len(split.difficult)} of "
+                         f"{len(split.solved)} solved samples |")
+        out.append("\n".join(lines))
+    commands = []
+    for model in MODELS:
+        run = data["runs"][model]
+        compare = json.dumps(run["specs"], separators=(",", ":")).replace('"', "")
+        commands.append("python -m tokenprune " + " ".join(run["overrides"]) + f" 'run.compare={compare}'")
+    return "```bash\n" + "\n".join(commands) + "\n```\n\n" + "\n\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data file and document
+# ---------------------------------------------------------------------------------------------------------
+def dumps(data: dict) -> str:
+    """One record per line (diff-friendly), keys sorted."""
+    lines = ["{", f'"runs": {json.dumps(data["runs"], sort_keys=True)},', '"records": [']
+    records = data["records"]
+    lines += [" " + json.dumps(r, sort_keys=True) + ("," if i < len(records) - 1 else "") for i, r in enumerate(records)]
+    return "\n".join(lines + ["]", "}"]) + "\n"
+
+
+MARKER = re.compile(rf"(<!-- table:{NAME} -->\n)(.*?)(<!-- /table:{NAME} -->)", re.S)
+
+
+def write_document(data: dict) -> None:
+    text = DOCUMENT.read_text()
+    if not MARKER.search(text):
+        raise ValueError(f"{DOCUMENT} has no <!-- table:{NAME} --> marker pair")
+    DOCUMENT.write_text(MARKER.sub(lambda m: m.group(1) + render(data) + "\n" + m.group(3), text))
+
+
+def committed_body() -> str:
+    return MARKER.search(DOCUMENT.read_text()).group(2)
+
+
+def quick_differences(data: dict, quick: dict) -> list[str]:
+    """Records of the quick re-measure that differ from the committed ones with the same key."""
+    committed = {r["key"]: r for r in data["records"]}
+    return [r["key"] for r in quick["records"] if committed.get(r["key"]) != json.loads(json.dumps(r))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="re-render from the committed data only")
+    parser.add_argument("--check", action="store_true", help="re-measure the first samples and compare")
+    args = parser.parse_args(argv)
+    if args.render or args.check:
+        data = json.loads(DATA.read_text())
+        if args.check:
+            differing = quick_differences(data, measure(True))
+            stale = committed_body() != render(data) + "\n"
+            print(f"records differing: {differing or 'none'}; document stale: {stale}")
+            return 1 if differing or stale else 0
+    else:
+        data = json.loads(dumps(measure(False)))
+        DATA.parent.mkdir(parents=True, exist_ok=True)
+        DATA.write_text(dumps(data))
+    write_document(data)
+    print(render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
