@@ -2,8 +2,10 @@
 deltas against the unpruned model and the difficulty filter's view (VTC-Bench: the samples plain downsampling
 gets wrong).
 
-One benchmark run per model (``python -m tokenprune`` with ``run.compare``, the runner's code path) on the same
-held-out samples of ``synthetic_image`` (N = 144 visual tokens per image), two blocks of methods:
+Two benchmark runs per model (``python -m tokenprune`` with ``run.compare``, the runner's code path; the
+selections before the decoder in one, the other methods in the other, the unpruned model in both, where its
+records must agree) on the same held-out samples of ``synthetic_image`` (N = 144 visual tokens per image), two
+blocks of methods:
 
 * **decoder input**: the methods that reduce before the decoder keep 1/4 of N (36 tokens) in every layer;
 * **layer-averaged**: every method keeps 1/2 of N averaged over the 6 decoder layers (72): the pre-LLM methods
@@ -15,7 +17,7 @@ The table shows what each run measured: visual tokens entering the decoder and l
 paired delta [95% bootstrap interval] against the unpruned model on all samples, and the same on the *difficult*
 subset (solved unpruned, wrong after ``downsample`` at the block's budget). PruneVid is video-only (not here).
 
-    python benchmarks/methods_compare.py              # measure (100 samples per model), write the data, render
+    python benchmarks/methods_compare.py              # measure (200 samples per model), write the data, render
     python benchmarks/methods_compare.py --render     # re-render the Markdown from the committed data only
     python benchmarks/methods_compare.py --check      # re-measure the first samples (quick) and compare
 
@@ -38,10 +40,12 @@ DATA = ROOT / "docs" / "tables" / "methods_compare.json"
 DOCUMENT = ROOT / "docs" / "methods" / "compare.md"
 NAME = "methods_compare"
 MODELS = ("tiny_llava", "tiny_qwen25vl")
-SAMPLES, QUICK_SAMPLES = 100, 1
+SAMPLES, QUICK_SAMPLES = 200, 1
 RUN_KEYS = ("prediction", "score", "error", "visual_tokens", "visual_tokens_layer_mean")
 
 PRE_LLM = ("visionzip", "vispruner", "divprune", "cdpruner", "pool", "downsample")
+VISION_SIGNAL = ("visionzip", "vispruner", "divprune", "cdpruner")  # measured in a run of their own per model
+GROUPS = ("main", "vision")
 BLOCKS = {  # block -> (title, target fraction of N, method specs); one benchmark run per model and block
     "input": ("1/4 of N at the decoder input", 0.25, [{"name": name, "budget": 0.25} for name in PRE_LLM]),
     "layer_avg": ("1/2 of N layer-averaged", 0.5, [
@@ -95,32 +99,57 @@ def run_block(model: str, specs: list[dict], limit: int) -> tuple[list[str], lis
     return list(payload["methods"]), slim
 
 
+def group_of(spec: dict) -> str:
+    """Which of a model's two runs measures ``spec``: the vision-signal selections before the decoder, or the rest."""
+    return "vision" if spec["name"] in VISION_SIGNAL else "main"
+
+
+def group_specs(group: str) -> list[dict]:
+    return [spec for _, _, specs in BLOCKS.values() for spec in specs if group_of(spec) == group]
+
+
 @source(NAME)
-def measure(quick: bool) -> dict:
+def measure(quick: bool, groups: tuple[str, ...] = GROUPS) -> dict:
     """Every method on the tiny trained checkpoints at equal retained tokens (docs/methods/compare.md)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models are latency-bound (and the records do not depend on the thread count)
     try:
-        return _measure(QUICK_SAMPLES if quick else SAMPLES)
+        return _measure(QUICK_SAMPLES if quick else SAMPLES, groups)
     finally:
         torch.set_num_threads(threads)
 
 
-def _measure(limit: int) -> dict:
-    specs = [spec for _, _, block_specs in BLOCKS.values() for spec in block_specs]
+def _measure(limit: int, groups: tuple[str, ...]) -> dict:
     runs, records = {}, []
-    for model in MODELS:  # one run per model: the unpruned model once, every block's methods on the same samples
-        labels, model_records = run_block(model, specs, limit)
-        blocks = {}
-        for block, (_, _, block_specs) in BLOCKS.items():
-            start = 1 + sum(len(b[2]) for b in list(BLOCKS.values())[: list(BLOCKS).index(block)])
-            blocks[block] = labels[start: start + len(block_specs)]
-        runs[model] = {"labels": labels, "blocks": blocks, "specs": specs, "overrides": overrides(model, SAMPLES),
-                       "samples": len(model_records)}
-        records += [{"key": f"{model}/{r['id']}", "run": model, **r} for r in model_records]
+    for model in MODELS:
+        for group in groups:  # two runs per model on the same samples, the unpruned model in both
+            specs = group_specs(group)
+            labels, run_records = run_block(model, specs, limit)
+            name = f"{model}/{group}"
+            runs[name] = {"model": model, "labels": labels, "specs": specs, "overrides": overrides(model, SAMPLES),
+                          "samples": len(run_records)}
+            records += [{"key": f"{name}/{r['id']}", "run": name, **r} for r in run_records]
     return {"runs": runs, "records": records}
+
+
+def combined(data: dict, model: str) -> tuple[list[dict], dict[str, str]]:
+    """The model's records with every run's methods merged per sample (the unpruned model's from the first run;
+    the others must agree with it), and each spec's label (by its JSON)."""
+    by_id: dict[str, dict] = {}
+    labels: dict[str, str] = {}
+    for name, run in data["runs"].items():
+        if run["model"] != model:
+            continue
+        labels.update({json.dumps(spec, sort_keys=True): label for spec, label in zip(run["specs"], run["labels"][1:])})
+        for record in (r for r in data["records"] if r["run"] == name):
+            merged = by_id.setdefault(record["id"], {"id": record["id"], "error": record["error"], "runs": {}})
+            for label, entry in record["runs"].items():
+                if label in merged["runs"] and merged["runs"][label] != entry:
+                    raise ValueError(f"{model} sample {record['id']}: {label} differs between runs")
+                merged["runs"][label] = entry
+    return list(by_id.values()), labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,14 +176,13 @@ def render(data: dict) -> str:
 
     out = []
     for model in MODELS:
-        run = data["runs"][model]
-        records = [r for r in data["records"] if r["run"] == model]
+        records, label_of = combined(data, model)
         baseline = scores_of(records, "baseline")
-        lines = [f"**{model}** · synthetic_image · {run['samples']} held-out samples", "",
+        lines = [f"**{model}** · synthetic_image · {len(records)} held-out samples", "",
                  "| retained tokens | method | visual in | visual layer-avg | all: acc % (Δ [95% CI]) | "
                  "difficult: acc % (Δ [95% CI]) |", "|---|---|---:|---:|---|---|"]
-        for block, (title, _, _) in BLOCKS.items():
-            labels = run["blocks"][block]
+        for block, (title, _, specs) in BLOCKS.items():
+            labels = [label_of[json.dumps(spec, sort_keys=True)] for spec in specs]
             downsample = next(label for label in labels if label.startswith("downsample"))
             shown = (["baseline"] if block == next(iter(BLOCKS)) else []) + labels  # the unpruned row once
             result = analysis(baseline, scores_of(records, downsample),
@@ -172,8 +200,8 @@ def render(data: dict) -> str:
                          f"{len(split.solved)} solved samples |")
         out.append("\n".join(lines))
     commands = []
-    for model in MODELS:
-        run = data["runs"][model]
+    for name, run in sorted(data["runs"].items(), key=lambda item: (MODELS.index(item[1]["model"]),
+                                                                    GROUPS.index(item[0].split("/")[1]))):
         compare = json.dumps(run["specs"], separators=(",", ":")).replace('"', "")
         commands.append("python -m tokenprune " + " ".join(run["overrides"]) + f" 'run.compare={compare}'")
     return "```bash\n" + "\n".join(commands) + "\n```\n\n" + "\n\n".join(out)
@@ -214,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="re-render from the committed data only")
     parser.add_argument("--check", action="store_true", help="re-measure the first samples and compare")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                        help="measure only these runs of every model, keeping the others' committed data")
     args = parser.parse_args(argv)
     if args.render or args.check:
         data = json.loads(DATA.read_text())
@@ -223,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"records differing: {differing or 'none'}; document stale: {stale}")
             return 1 if differing or stale else 0
     else:
-        data = json.loads(dumps(measure(False)))
+        data = json.loads(dumps(measure(False, tuple(args.groups))))
+        if set(args.groups) != set(GROUPS):  # keep the committed runs of the other groups
+            old = json.loads(DATA.read_text()) if DATA.is_file() else {"runs": {}, "records": []}
+            kept = {name for name in old["runs"] if name.split("/")[1] not in args.groups}
+            data = {"runs": {**{n: old["runs"][n] for n in kept}, **data["runs"]},
+                    "records": [r for r in old["records"] if r["run"] in kept] + data["records"]}
         DATA.parent.mkdir(parents=True, exist_ok=True)
         DATA.write_text(dumps(data))
+        if set(data["runs"]) != {f"{m}/{g}" for m in MODELS for g in GROUPS}:
+            print(f"measured {sorted(data['runs'])}; the table needs every run")
+            return 0
     write_document(data)
     print(render(data))
     return 0

@@ -1,0 +1,45 @@
+"""benchmarks/methods_compare.py: the comparison of every method at equal retained tokens (docs/methods/compare.md)
+is what its committed records render to, and re-measuring the first sample of every run gives those records."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import methods_compare  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads(methods_compare.DATA.read_text())
+
+
+def test_the_document_holds_what_the_committed_records_render_to(committed):
+    assert methods_compare.committed_body() == methods_compare.render(committed) + "\n"
+    runs = committed["runs"]
+    assert sorted(runs) == sorted(f"{m}/{g}" for m in methods_compare.MODELS for g in methods_compare.GROUPS)
+    for name, run in runs.items():  # every method ran on every sample, the unpruned model first
+        assert run["labels"][0] == "baseline" and len(run["labels"]) == len(run["specs"]) + 1
+        assert run["samples"] == methods_compare.SAMPLES
+        records = [r for r in committed["records"] if r["run"] == name]
+        assert len(records) == run["samples"] and all(set(r["runs"]) == set(run["labels"]) for r in records)
+    for model in methods_compare.MODELS:  # the unpruned model agrees between a model's runs
+        methods_compare.combined(committed, model)
+
+
+def test_every_method_is_in_the_comparison():
+    import tokenprune as tp
+
+    names = {spec["name"] for _, _, specs in methods_compare.BLOCKS.values() for spec in specs}
+    video_only = {"prunevid"}
+    not_reduction = {"baseline", "layerskip"}  # layer skip removes computation, not tokens
+    assert names == set(tp.methods.available()) - video_only - not_reduction
+
+
+def test_the_first_sample_of_every_run_measures_again_the_same(committed, monkeypatch):
+    monkeypatch.setattr(methods_compare, "QUICK_SAMPLES", 1)
+    quick = methods_compare.measure(True)
+    assert len(quick["records"]) == len(committed["runs"])
+    assert methods_compare.quick_differences(committed, quick) == []
