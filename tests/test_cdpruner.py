@@ -7,6 +7,7 @@ import torch
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 
+from tokenprune.methods._budget import budget_count
 from tokenprune.methods.cdpruner import (CDPruner, RELEVANCE_EPSILON, cdpruner_relevance, clip_image_embeds,
                                          clip_text_chunks, clip_text_embeds, conditional_kernel, dpp_greedy_map)
 
@@ -123,9 +124,9 @@ def test_guard_with_duplicated_tokens_keeps_exactly_t_distinct_rows_and_leaves_o
     assert int(result.guarded[0]) > 0
     alone = dpp_greedy_map(conditional_kernel(features[1:], relevance[1:]), 9, relevance[1:])
     assert torch.equal(result.picks[1], alone.picks[0]) and int(result.guarded[1]) == int(alone.guarded[0])
-    kept, guarded = CDPruner(budget=9, relevance="none").keep_rows(features[:1], None)
+    kept, guarded = CDPruner(relevance="none").keep_rows(features[:1], None, 9)
     assert kept.tolist() == [list(range(9))] and guarded.tolist() == [0]  # budget >= N: no DPP at all
-    kept, guarded = CDPruner(budget=8, relevance="none").keep_rows(features[:1], None)
+    kept, guarded = CDPruner(relevance="none").keep_rows(features[:1], None, 8)
     assert kept.shape == (1, 8) and kept.unique().numel() == 8 and int(guarded[0]) > 0
 
 
@@ -218,11 +219,12 @@ def test_resolved_relevance_and_sign():
     clip = CDPruner(clip_path="openai/clip-vit-large-patch14-336")
     assert (clip.resolved_relevance(), clip.resolved_sign()) == ("clip", -1.0)  # official
     assert CDPruner(relevance_sign=-1).resolved_sign() == -1.0
-    assert CDPruner().kept_count(576) == 128 and CDPruner(budget=64).kept_count(576) == 64
+    assert budget_count(576, CDPruner().budget) == 128  # the default fraction: 128 of LLaVA-1.5's 576
+    assert CDPruner(clip_path="x").needs_vision_signals and not CDPruner().needs_vision_signals
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"budget": 1.5}, r"cdpruner.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"),
+    ({"budget": 1.5}, r"cdpruner.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
     ({"relevance": "text"}, r"cdpruner.relevance must be one of \['auto', 'clip', 'llm', 'none'\], got 'text'"),
     ({"relevance": "clip"}, "cdpruner.relevance=clip needs clip_path"),
     ({"relevance_sign": 0}, "cdpruner.relevance_sign must be -1, 1 or null, got 0"),

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tokenprune.methods._budget import budget_count
 from tokenprune.methods.divprune import DivPrune, cosine_distances, divprune_select
 
 
@@ -46,7 +47,7 @@ def test_hand_case_four_unit_vectors():
     features = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles])[None]
     picks = divprune_select(cosine_distances(features), 3)
     assert picks.tolist() == [[3, 0, 2]]  # 180 (isolated, 1), then 0 (distance 2), then 90 (min(1, 1) = 1)
-    assert DivPrune(budget=3).keep_rows(features).tolist() == [[0, 2, 3]]
+    assert DivPrune().keep_rows(features, 3).tolist() == [[0, 2, 3]]
 
 
 @pytest.mark.parametrize("n_tokens", [2, 3, 5, 7, 9])
@@ -112,17 +113,16 @@ def test_batched_pools_equal_each_pool_alone():
 
 
 def test_config_counts_and_model_dtype():
-    assert DivPrune().kept_count(576) == 56  # the official round(0.098 * 576)
-    assert DivPrune(budget=0.001).kept_count(36) == 1  # never an empty pool from a fraction
-    assert DivPrune(budget=0).kept_count(36) == 0
+    assert budget_count(576, DivPrune().budget) == 56  # the official round(0.098 * 576)
     features = torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     assert cosine_distances(features, torch.bfloat16).dtype == torch.bfloat16
-    kept = DivPrune(budget=5, sim_dtype="model").keep_rows(features)
+    kept = DivPrune(sim_dtype="model").keep_rows(features, 5)
     assert kept.shape == (1, 5) and torch.equal(kept, kept.sort().values) and kept.unique().numel() == 5
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"budget": 2.0}, r"divprune.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"),
+    ({"budget": 2.0}, r"divprune.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
+    ({"budget": 0}, r"divprune.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
     ({"scope": "image"}, r"divprune.scope must be one of \['sample', 'group'\], got 'image'"),
     ({"sim_dtype": "float16"}, r"divprune.sim_dtype must be one of \['float32', 'model'\]"),
     ({"positions": "original"}, r"divprune.positions must be one of \['auto', 'keep', 'reindex'\]"),

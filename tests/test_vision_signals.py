@@ -273,7 +273,7 @@ def test_generate_encodes_the_images_once_before_its_first_forward_and_the_trace
 
 
 def test_unknown_family_and_full_strategy_are_refused():
-    with pytest.raises(ValueError, match="no vision signals for model family 'nope'; available: llava, qwen25vl"):
+    with pytest.raises(ValueError, match="unknown model family .nope."):
         VisionTrace(None, "nope")
     vlm = build("tiny_llava", "sdpa")
     config = vlm.model.config

@@ -34,6 +34,9 @@ class Method:
     """Base class: every hook is optional. Subclasses are dataclasses registered with ``@register``."""
 
     name: str = "method"
+    # before_llm reads the vision encoder's signals (``DecoderInput.vision``): the engine installs the family's capture
+    # hooks only then (a class attribute, or a property where it depends on the fields)
+    needs_vision_signals: bool = False
 
     # -- hooks ------------------------------------------------------------------------------------------
     def before_llm(self, seq: DecoderInput) -> Reduction | None:
@@ -148,6 +151,32 @@ def check_layer(method: str, field_name: str, value, model: ModelInfo | None = N
     return value
 
 
+POSITIONS = ("auto", "keep", "reindex")
+POSITION_RULES = ("keep", "reindex")
+
+
+def check_positions(method: str, value) -> None:
+    """``positions`` must be ``auto`` (the method's official rule where the model defines it), ``keep`` or ``reindex``."""
+    check_choice(method, "positions", value, POSITIONS)
+
+
+def resolve_positions(method: str, value: str, official: str, model: ModelInfo) -> str:
+    """What ``positions=value`` means on ``model``: ``"keep"`` (original positions) or ``"reindex"`` (contiguous).
+
+    ``official``: the method's official rule ("keep" or "reindex") on models that define contiguous re-indexing
+    (``model.reindex_positions``: 1-D RoPE); ``auto`` is that rule there and ``keep`` elsewhere (mRoPE: original
+    positions). ``reindex`` on a model without it raises ValueError naming ``method.positions`` (call this in
+    ``validate`` so that it happens before any model work). One rule for every method (``docs/methods``)."""
+    check_positions(method, value)
+    check_choice(method, "official positions", official, POSITION_RULES)
+    if value == "auto":
+        return official if model.reindex_positions else "keep"
+    if value == "reindex" and not model.reindex_positions:
+        raise ValueError(f"{method}.positions='reindex' (contiguous re-numbering) is not defined for the "
+                         f"{model.family or 'this'} family ({model.rope or 'its RoPE'}): use positions='keep' or 'auto'")
+    return value
+
+
 def keep_count(num_tokens: int, ratio: float, rounding: str) -> int:
     """Tokens kept out of ``num_tokens`` at ``ratio``: "round" (Python round, half to even) or "floor"."""
     count = round(num_tokens * ratio) if rounding == "round" else math.floor(num_tokens * ratio)
@@ -208,6 +237,10 @@ class Compose(Method):
     @property
     def uses_layer_plan(self) -> bool:
         return any(m.uses_layer_plan for m in self.methods)
+
+    @property
+    def needs_vision_signals(self) -> bool:
+        return any(m.needs_vision_signals for m in self.methods)
 
     def validate(self, model: ModelInfo) -> None:
         for method in self.methods:

@@ -11,7 +11,11 @@ is never picked twice (officially a kept token scores ``D[s, s]``, about 0); a z
 row instead of NaN. ``sim_dtype="float32"`` (default) computes ``D`` in float32; ``"model"`` in the features'
 dtype, as the official fp16 code.
 
-Phase 1 (issue 18): the pure algorithm and the config; registered once the engine's reduction result lands.
+Budget (``_budget.py``): ``budget`` tokens for the whole sample (an int; a float: that fraction of its visual
+tokens, ``round`` as the official ``int(round(r * N))``). ``scope="sample"``: one pool of every visual row of the
+sample (the official single pool, generalised to several images / frames); ``"group"``: one pool per image /
+temporal group, the count split in proportion to the group sizes. Positions (``positions``): official re-packing
+on 1-D RoPE (HF numbering from the gathered mask), original positions on mRoPE (both Qwen ports gather them).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, check_choice
-from .common import budget_count, check_budget, check_positions, unit_rows
+from ._budget import check_budget
+from .base import (DecoderInput, Method, ModelInfo, Reduction, check_choice, check_positions, register,
+                   resolve_positions)
+from .common import group_rows, group_shares, keep_visual_rows, sample_count, unit_rows
 
 SCOPES = ("sample", "group")
 SIM_DTYPES = ("float32", "model")
+OFFICIAL_POSITIONS = "reindex"  # card §4: position_ids None, HF numbers the L' rows 0..L'-1
 
 
 def cosine_distances(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -61,32 +68,41 @@ def divprune_select(distances: torch.Tensor, count: int) -> torch.Tensor:
     return picks
 
 
+@register("divprune")
 @dataclass
 class DivPrune(Method):
-    """Keep ``budget`` tokens of each pool by greedy max-min cosine diversity (official: 0.098 of the tokens).
-
-    ``scope="sample"``: every visual row of the sample is one pool (the official single pool, generalised);
-    ``"group"``: one pool per image / temporal group.
-    """
+    """Keep ``budget`` visual tokens of the sample by greedy max-min cosine diversity of the LLM embeddings
+    (official: 0.098 of the tokens). ``scope="sample"``: one pool of every visual row; ``"group"``: one pool per
+    image / temporal group (count split by group size)."""
 
     budget: int | float = 0.098
     scope: str = "sample"
     sim_dtype: str = "float32"
     positions: str = "auto"
 
-    name = "divprune"
-
     def __post_init__(self):
-        check_budget(self.name, "budget", self.budget)
+        check_budget(self.name, self.budget, allow_none=False)
         check_choice(self.name, "scope", self.scope, SCOPES)
         check_choice(self.name, "sim_dtype", self.sim_dtype, SIM_DTYPES)
         check_positions(self.name, self.positions)
 
-    def kept_count(self, num_tokens: int) -> int:
-        return budget_count(self.budget, num_tokens)
+    def validate(self, model: ModelInfo) -> None:
+        resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
-    def keep_rows(self, features: torch.Tensor) -> torch.Tensor:
-        """Kept rows ``[B, k]`` (ascending) of ``B`` pools of ``N`` tokens: ``features`` ``[B, N, d]``."""
+    def keep_rows(self, features: torch.Tensor, count: int) -> torch.Tensor:
+        """Kept rows ``[B, count]`` (ascending) of ``B`` pools of ``N`` tokens: ``features`` ``[B, N, d]``."""
         dtype = torch.float32 if self.sim_dtype == "float32" else features.dtype
-        picks = divprune_select(cosine_distances(features, dtype), self.kept_count(features.shape[1]))
+        picks = divprune_select(cosine_distances(features, dtype), count)
         return torch.sort(picks, dim=-1).values
+
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        layout = seq.layout
+        if self.scope == "sample":
+            pools, counts = [layout.visual_rows()], [sample_count(self.budget, layout)]
+        else:
+            pools = [rows for rows in group_rows(layout) if rows.numel()]
+            counts = group_shares(self.budget, layout, pools)
+        kept = [rows if count >= rows.numel() else rows[self.keep_rows(seq.embeds[:, rows], count)[0]]
+                for rows, count in zip(pools, counts)]
+        reindex = resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, seq.model) == "reindex"
+        return keep_visual_rows(seq, kept, reindex)
