@@ -109,3 +109,34 @@ def current_rows(layout, kept_visual_originals) -> list[int]:
 def topk_original(scores: torch.Tensor, columns_original: list[int], k: int) -> set[int]:
     order = torch.argsort(scores, descending=True, stable=True)[:k]
     return {columns_original[i] for i in order.tolist()}
+
+
+def layers_by_hand(vlm, hidden, positions, side: dict, layers: range) -> torch.Tensor:
+    """The stock decoder layers ``layers`` on ``hidden`` ``[1, L, d]`` (SDPA's own causal rule: no mask), with the
+    model's own rotary tables of ``positions`` ``[1, P, L]`` and the side inputs added at their layers' inputs."""
+    text_model = vlm.adapter.text_model(vlm.model)
+    stock_positions = positions[:, 0] if positions.shape[1] == 1 else positions.permute(1, 0, 2)
+    tables = text_model.rotary_emb(hidden, stock_positions)
+    for index in layers:
+        if index in side:
+            hidden = hidden + side[index]
+        hidden = text_model.layers[index](hidden, attention_mask=None, position_embeddings=tables)
+    return hidden
+
+
+def final_logits(vlm, hidden) -> torch.Tensor:
+    """Logits of every row ``[L, V]``."""
+    return vlm.model.lm_head(vlm.adapter.text_model(vlm.model).norm(hidden))[0]
+
+
+def batched_inputs(vlm, samples) -> dict:
+    """One processor call for several one-image samples (padded where their prompts differ in length)."""
+    from tokenprune.models.images import load_images
+
+    texts = []
+    for sample in samples:
+        content = [{"type": "image"}, {"type": "text", "text": sample.question}]
+        texts.append(vlm.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                       add_generation_prompt=True))
+    images = [load_images(s.images)[0] for s in samples]
+    return dict(vlm.processor(text=texts, images=images, return_tensors="pt", padding=True))

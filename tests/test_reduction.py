@@ -13,7 +13,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, tiny_vlm
-from helpers import forced_choice, forced_generation, prompt_so_far, stock_decoder_call
+from helpers import final_logits, forced_choice, forced_generation, layers_by_hand, prompt_so_far, stock_decoder_call
 from tokenprune.engine.contract import (IMAGE, TEXT, DecoderInput, MergedRows, Reduction, TokenLayout, VisualGroup)
 from tokenprune.methods.base import Method
 
@@ -152,24 +152,6 @@ def merged_positions(positions: torch.Tensor, origins: list, rule: str = "mean")
         return torch.tensor([[int(p[origin[member]]) for origin in origins] for p in positions])
     return torch.tensor([[round(sum(int(p[i]) for i in origin) / len(origin)) for origin in origins]
                          for p in positions])
-
-
-def layers_by_hand(vlm, hidden, positions, side: dict, layers: range) -> torch.Tensor:
-    """The stock decoder layers ``layers`` on ``hidden`` ``[1, L, d]`` (SDPA's own causal rule: no mask), with the
-    model's own rotary tables of ``positions`` ``[1, P, L]`` and the side inputs added at their layers' inputs."""
-    text_model = vlm.adapter.text_model(vlm.model)
-    stock_positions = positions[:, 0] if positions.shape[1] == 1 else positions.permute(1, 0, 2)
-    tables = text_model.rotary_emb(hidden, stock_positions)
-    for index in layers:
-        if index in side:
-            hidden = hidden + side[index]
-        hidden = text_model.layers[index](hidden, attention_mask=None, position_embeddings=tables)
-    return hidden
-
-
-def final_logits(vlm, hidden) -> torch.Tensor:
-    """Logits of every row ``[L, V]``."""
-    return vlm.model.lm_head(vlm.adapter.text_model(vlm.model).norm(hidden))[0]
 
 
 def pairs_and_keep(layout: TokenLayout) -> tuple[list[tuple[int, int]], list[int]]:

@@ -160,11 +160,14 @@ def clip_image_embeds(post_layernorm, visual_projection, features: torch.Tensor)
 def load_clip(path: str):
     """``(text_model, tokenizer, visual_projection)`` of a CLIP checkpoint (CLIPTextModelWithProjection, its
     tokenizer, the image projection), loaded once per path, float32, eval mode."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    text_model = CLIPTextModelWithProjection.from_pretrained(path, dtype=torch.float32).eval()
-    projection = CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32).visual_projection.eval()
-    return text_model, AutoTokenizer.from_pretrained(path), projection
+    config = AutoConfig.from_pretrained(path)  # a full CLIP checkpoint: the towers' projection width is its own
+    text_config, vision_config = config.text_config, config.vision_config
+    text_config.projection_dim = vision_config.projection_dim = config.projection_dim
+    text_model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config, dtype=torch.float32).eval()
+    vision = CLIPVisionModelWithProjection.from_pretrained(path, config=vision_config, dtype=torch.float32)
+    return text_model, AutoTokenizer.from_pretrained(path), vision.visual_projection.eval()
 
 
 def clip_relevance_inputs(path: str, question: str, features: torch.Tensor, post_norm) -> tuple[torch.Tensor, torch.Tensor]:
