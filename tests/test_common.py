@@ -20,12 +20,10 @@ def test_positions_rule():
     assert resolve_positions("m", "keep", "reindex", LLAVA) == "keep"
     assert resolve_positions("m", "reindex", "keep", LLAVA) == "reindex"
     with pytest.raises(ValueError, match=r"m.positions='reindex' \(contiguous re-numbering\) is not defined for the "
-                                         r"qwen25vl family \(mrope\): use positions='keep' or 'auto'"):
+                                         r"qwen25vl family \(mrope\); use positions='auto' or 'keep'"):
         resolve_positions("m", "reindex", "reindex", QWEN)
     with pytest.raises(ValueError, match=r"m.positions must be one of \['auto', 'keep', 'reindex'\], got 'repack'"):
         resolve_positions("m", "repack", "reindex", LLAVA)
-    with pytest.raises(ValueError, match=r"m.official positions must be one of \['keep', 'reindex'\]"):
-        resolve_positions("m", "auto", "auto", LLAVA)
 
 
 def layout_of(sizes: list[int], text: int = 2) -> TokenLayout:

@@ -152,28 +152,23 @@ def check_layer(method: str, field_name: str, value, model: ModelInfo | None = N
 
 
 POSITIONS = ("auto", "keep", "reindex")
-POSITION_RULES = ("keep", "reindex")
 
 
 def check_positions(method: str, value) -> None:
-    """``positions`` must be ``auto`` (the method's official rule where the model defines it), ``keep`` or ``reindex``."""
+    """``value`` must be one of ``POSITIONS`` (ValueError naming ``method.positions``)."""
     check_choice(method, "positions", value, POSITIONS)
 
 
 def resolve_positions(method: str, value: str, official: str, model: ModelInfo) -> str:
-    """What ``positions=value`` means on ``model``: ``"keep"`` (original positions) or ``"reindex"`` (contiguous).
-
-    ``official``: the method's official rule ("keep" or "reindex") on models that define contiguous re-indexing
-    (``model.reindex_positions``: 1-D RoPE); ``auto`` is that rule there and ``keep`` elsewhere (mRoPE: original
-    positions). ``reindex`` on a model without it raises ValueError naming ``method.positions`` (call this in
-    ``validate`` so that it happens before any model work). One rule for every method (``docs/methods``)."""
+    """``keep`` or ``reindex`` for ``model``: ``auto`` is the method's ``official`` rule ("keep" or "reindex", its
+    official code's on 1-D RoPE) where the model's family defines contiguous re-indexing, else ``keep``;
+    ``reindex`` is refused where it is not defined (call this in ``validate``, before any model work)."""
     check_positions(method, value)
-    check_choice(method, "official positions", official, POSITION_RULES)
     if value == "auto":
         return official if model.reindex_positions else "keep"
     if value == "reindex" and not model.reindex_positions:
         raise ValueError(f"{method}.positions='reindex' (contiguous re-numbering) is not defined for the "
-                         f"{model.family or 'this'} family ({model.rope or 'its RoPE'}): use positions='keep' or 'auto'")
+                         f"{model.family or 'this'} family ({model.rope}); use positions='auto' or 'keep'")
     return value
 
 
