@@ -518,3 +518,15 @@ def test_every_new_method_is_registered_with_official_defaults():
     assert tp.methods.create("visionzip").counts(576, has_cls=True) == (True, 53, 10)
     assert tp.methods.create("visionzip").counts(1296, has_cls=False) == (False, 842, 64)
     assert all(defaults[name]["positions"] == "auto" for name in METHODS)
+
+
+def test_the_runner_hands_each_sample_its_question():
+    from tokenprune.run.measure import measure_generation
+
+    vlm = tiny_vlm("tiny_llava")
+    sample = make_sample(76, question="how many red squares are there ?")
+    inputs = vlm.prepare(sample)
+    assert inputs.questions == [sample.question]
+    recorded = Recorded(tp.methods.create("divprune", budget=8))
+    measure_generation(vlm, inputs, recorded, max_new_tokens=1)
+    assert [seen.question for seen in recorded.seen] == [sample.question]

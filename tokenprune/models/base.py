@@ -27,13 +27,16 @@ WEIGHTS = ("pretrained", "random")
 
 
 class Inputs(dict):
-    """Model inputs (``model(**inputs)`` / ``model.generate(**inputs)``) plus the sample's TokenLayout."""
+    """Model inputs (``model(**inputs)`` / ``model.generate(**inputs)``) plus the sample's TokenLayout and its
+    question text (``questions``: one per sample, for ``apply(..., questions=inputs.questions)``)."""
 
     layout: TokenLayout
+    questions: list[str] | None = None
 
     def to(self, device) -> "Inputs":
         moved = Inputs({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
         moved.layout = self.layout
+        moved.questions = self.questions
         return moved
 
 
@@ -195,6 +198,7 @@ class VLM:
         if self.processor is None:
             raise ModelInputError(f"model {self.name!r} was built without a processor; give model.path to one")
         inputs = self.adapter.prepare(self.processor, self.model, sample, self.options)
+        inputs.questions = [sample.question]
         return inputs.to(self.device)
 
     def info(self) -> ModelInfo:
