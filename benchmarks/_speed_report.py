@@ -56,14 +56,14 @@ def vision_table(rows: list[dict]) -> list[str]:
 
 def main_table(rows: list[dict]) -> list[str]:
     lines = ["| N | input | method | tokens / layer (visual) | prefill ms | ideal ms | ×ideal | overhead ms (%) "
-             "| speed-up (ideal) | decode ms/token | ×stock decode | peak memory (×) | extra peak (×) "
+             "| pre-LLM ms | speed-up (ideal) | decode ms/token | ×stock decode | peak memory (×) | extra peak (×) "
              "| KV cache (×) | TTFT ms (speed-up) | syncs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["status"] != "ok":
             if row.get("visual_tokens") is not None:
                 lines.append(f"| {row['visual_tokens']} | {row['input']} | {row['label']} | {row['status']}: "
-                             f"{row['reason']} |" + " |" * 12)
+                             f"{row['reason']} |" + " |" * 13)
             continue
         overhead = f"{row['overhead_ms']:.2f} ({_f(row.get('overhead_pct'), '.1f')}%)"
         speedup = f"{_f(row.get('speedup'), '.2f', '×')} ({_f(row.get('ideal_speedup'), '.2f', '×')})"
@@ -71,7 +71,8 @@ def main_table(rows: list[dict]) -> list[str]:
             f"| {row['visual_tokens']} | {row['input']} | {row['label']} "
             f"| {row['mean_tokens']:.0f} ({row['mean_visual']:.0f}) | {_f(row['prefill_ms'], '.2f')} "
             f"| {_f(row.get('ideal_ms'), '.2f')} | {_f(row.get('prefill_vs_ideal'), '.3f')} "
-            f"| {overhead} | {speedup} | {_f(row.get('decode_ms'), '.2f')} | {_f(row.get('decode_vs_stock'), '.3f')} "
+            f"| {overhead} | {_f(row.get('pre_llm_ms') if row.get('pre_llm') else None, '.2f')} | {speedup} "
+            f"| {_f(row.get('decode_ms'), '.2f')} | {_f(row.get('decode_vs_stock'), '.3f')} "
             f"| {_bytes(row.get('peak_bytes'))}{_ratio(row.get('peak_vs_baseline'))} "
             f"| {_bytes(row.get('extra_peak_bytes'))}{_ratio(row.get('extra_peak_vs_baseline'))} "
             f"| {_bytes(row.get('kv_cache_bytes'))}{_ratio(row.get('kv_cache_vs_baseline'))} "
@@ -141,7 +142,8 @@ COLUMNS = """Columns: *tokens / layer* Σ_l n_l / L (visual in brackets); *prefi
 method's selections, scoring and the driver's work included); *ideal* Σ_l t(n_l), one decoder layer's measured time
 at each layer's token count (sublayers for layer-skip plans); *×ideal* prefill / ideal (the unpruned row shows what
 the stock loop adds to its layers); *overhead* method hooks (scoring + selection) from the PrefillReport, and its
-share of the prefill; *speed-up* unpruned prefill / prefill (ideal: the same for the ideal times); *decode* one
+share of the prefill; *pre-LLM* the part of it spent before the decoder by a pre-LLM method (``before_llm``: vision
+signals, selection, merging; the vision encoder itself runs outside the prefill); *speed-up* unpruned prefill / prefill (ideal: the same for the ideal times); *decode* one
 step on the method's KV cache with the method applied, *×stock decode* against the stock model stepping the same
 cache (same per-layer lengths, no hooks); *peak memory* allocated during the prefill (GPU: weights included, *extra
 peak* the same minus the memory in use before the call; CPU: the peak live bytes of the tensors the prefill creates,

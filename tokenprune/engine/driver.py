@@ -204,7 +204,8 @@ class Driver:
                                                               embeds.device), side=side)
         call = PrefillCall(seq=seq, cache=self._prefill_cache(kwargs), decode=DecodeState(),
                            report=PrefillReport(prompt_tokens=length, visual_tokens=seq.layouts[0].num_visual,
-                                                timer=OverheadTimer(embeds.device)))
+                                                timer=OverheadTimer(embeds.device),
+                                                pre_llm_timer=OverheadTimer(embeds.device)))
         if call.cache is not None:
             setattr(call.cache, STATE_ATTRIBUTE, call.decode)
         vision = [None] * batch
@@ -245,7 +246,7 @@ class Driver:
 
     def _before_llm(self, call: PrefillCall, reducer, vision: list) -> None:
         seq = call.seq
-        with call.report.timer:
+        with call.report.timer, call.report.pre_llm_timer:
             reductions = []
             for b, layout in enumerate(seq.layouts):
                 if self.questions is not None and len(self.questions) != len(seq.layouts):
