@@ -20,6 +20,7 @@ import tokenprune.models.vision_signals as signals_module
 from conftest import hook_snapshot, make_image, make_sample
 from tokenprune.methods.vispruner import vispruner_select
 from tokenprune.models.vision_signals import VisionTrace, clip_signal_layer
+from tokenprune.models.qwen2vl import Qwen2VLAdapter, tiny_qwen2vl_config
 from tokenprune.models.zoo.tiny import (tiny_llava_config, tiny_llava_processor, tiny_qwen25vl_config,
                                         tiny_qwen25vl_processor)
 
@@ -32,6 +33,9 @@ BUILDERS = {
     "tiny_llava": (lambda: tiny_llava_config(layers=1, vision_layers=3), tiny_llava_processor, "llava"),
     # three ViT blocks, the last one full attention, windows of 2 x 2 LLM tokens
     "tiny_qwen25vl": (lambda: tiny_qwen25vl_config(layers=1, vision_depth=3), tiny_qwen25vl_processor, "qwen25vl"),
+    # Qwen2-VL: a plain ViT (every block full attention per temporal step, no window permutation)
+    "tiny_qwen2vl": (lambda: tiny_qwen2vl_config(layers=1, vision_depth=3), lambda: Qwen2VLAdapter().tiny_processor(),
+                     "qwen2vl"),
 }
 
 
@@ -129,7 +133,8 @@ def test_llava_projected_features_are_the_decoder_image_embeddings():
 # ---------------------------------------------------------------------------------------------------------
 def qwen_reference(vlm, pixel_values, grid_thw):
     """Brute force on the eager twin: per LLM token, received attention (head mean, summed over the segment's
-    query rows, averaged over its 4 patches) and head-mean RoPE'd keys, placed by the patches' coordinates."""
+    query rows, averaged over its 4 patches) and head-mean RoPE'd keys, placed by the patches' coordinates (the
+    window permutation applied to them where the ViT has windows)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
@@ -166,9 +171,11 @@ def qwen_reference(vlm, pixel_values, grid_thw):
     frames = torch.cat([torch.arange(t).repeat_interleave(h * w) for t, h, w in grid_thw.tolist()])
     item = torch.cat([torch.full((t * h * w,), i) for i, (t, h, w) in enumerate(grid_thw.tolist())])
     coordinates = torch.stack([item, frames, position[:, 0], position[:, 1]], dim=-1).float()
-    window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
-                                              visual.patch_size)
-    coordinates = visual.permute_input_for_window_attn(coordinates, window_index, length).long()
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: the stock ViT's own window permutation
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        coordinates = visual.permute_input_for_window_attn(coordinates, window_index, length)
+    coordinates = coordinates.long()
     # LLM token index: items in order, frames in order, then raster order of the merged grid
     offsets, starts = [], 0
     for t, h, w in grid_thw.tolist():
@@ -191,10 +198,11 @@ def random_grids(seed: int = 0):
     return torch.randn(patches, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed)), grid_thw
 
 
-def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order():
-    sdpa, eager = twins("tiny_qwen25vl")
+@pytest.mark.parametrize("name,family", [("tiny_qwen25vl", "qwen25vl"), ("tiny_qwen2vl", "qwen2vl")])
+def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order(name, family):
+    sdpa, eager = twins(name)
     pixel_values, grid_thw = random_grids()
-    with VisionTrace(sdpa.model, "qwen25vl") as trace, torch.no_grad():
+    with VisionTrace(sdpa.model, family) as trace, torch.no_grad():
         sdpa.model.model.visual(pixel_values, grid_thw=grid_thw)
     groups = trace.groups()
     assert [g.source for g in groups] == [signals_module.GroupSource(0, 0, 0), signals_module.GroupSource(0, 0, 1),
@@ -207,9 +215,10 @@ def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order():
     assert [round(float(g.scores.sum()), 3) for g in groups] == [24.0, 24.0, 8.0]
 
 
-def test_qwen_trace_through_the_model_equals_brute_force_on_the_processed_image():
-    sdpa, eager = twins("tiny_qwen25vl")
-    trace, inputs = trace_forward(sdpa, two_images(), "qwen25vl")
+@pytest.mark.parametrize("name,family", [("tiny_qwen25vl", "qwen25vl"), ("tiny_qwen2vl", "qwen2vl")])
+def test_qwen_trace_through_the_model_equals_brute_force_on_the_processed_image(name, family):
+    sdpa, eager = twins(name)
+    trace, inputs = trace_forward(sdpa, two_images(), family)
     scores, keys = qwen_reference(eager, inputs["pixel_values"], inputs["image_grid_thw"])
     groups = trace.groups()
     assert len(groups) == 2
