@@ -1,5 +1,5 @@
 """The scored base (``methods/scored.py``): top-k, ties (the lower row first), counts per pool, no scoring when a pool
-keeps all or none of its rows, the reduction fields — by hand; FastV, HiMAP, random and uniform are built on it
+keeps all or none of its rows, the reduction fields — by hand; FastV, PDrop, HiMAP, random and uniform are built on it
 (their own tests, unchanged, check that their selections did not move)."""
 
 from dataclasses import dataclass, field
@@ -88,6 +88,6 @@ def test_a_bad_pool_is_refused():
         method.select(step())
 
 
-@pytest.mark.parametrize("name", ["fastv", "himap", "random", "uniform"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "himap", "random", "uniform"])
 def test_the_attention_and_baseline_methods_are_scored(name):
     assert isinstance(tp.methods.create(name), ScoredMethod)
