@@ -114,7 +114,8 @@ class Driver:
         # the family's vision-encoder capture, only for a method that reads vision signals (refused clearly here,
         # before any model work, on a family that has none)
         needs_signals = any(getattr(part, "needs_vision_signals", False) for part in reducers_before_llm(method))
-        self.signals = SignalCapture(model, family.vision_signal_source(model)) if needs_signals else None
+        self.signals = (SignalCapture(model, family.vision_signal_source(model), MIN_SCORE_CHUNK_BYTES) if needs_signals
+                        else None)
         self.outer = family.outer_model(model)
         self.text_model = family.text_model(model)
         self.layers = family.layers(model)

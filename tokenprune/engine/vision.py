@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from .contract import IMAGE, KIND_NAMES, VIDEO, GroupSignals, PruningInputError, TokenLayout, VisionSignals
-from .scores import SCORE_CHUNK_BYTES
 
 
 class SignalSource(ABC):
@@ -34,8 +33,9 @@ class SignalSource(ABC):
 
     @abstractmethod
     def hook(self, model, record: Callable[[dict], None]) -> list:
-        """Register the capture hooks on ``model`` (``record(capture)`` stores one encoder call's capture); return
-        the handles. Called only for methods that need the signals."""
+        """Register the capture hooks on ``model`` (``record(capture)`` stores one encoder call's capture, a dict
+        whose ``"hidden"`` is the capture layer's input); return the handles. Called only for methods that need
+        the signals."""
 
     @abstractmethod
     def compute(self, model, captures: list[dict], chunk_bytes: int) -> list[GroupSignals]:
@@ -49,12 +49,15 @@ class SignalSource(ABC):
 
 
 class SignalCapture:
-    """The captures of one ``apply`` block (the family's hooks installed on ``model``)."""
+    """The captures of one ``apply`` block (the family's hooks installed on ``model``).
 
-    def __init__(self, model, source: SignalSource, chunk_bytes: int = SCORE_CHUNK_BYTES):
+    Scores are computed in blocks of at most ``max(min_chunk_bytes, 2 x the capture layer's input)`` bytes: no more
+    than the encoder layer's own MLP activation, so the signals never raise the peak memory of the encoder."""
+
+    def __init__(self, model, source: SignalSource, min_chunk_bytes: int):
         self.model = model
         self.source = source
-        self.chunk_bytes = chunk_bytes
+        self.min_chunk_bytes = min_chunk_bytes
         self.captures: list[dict] = []
         self._handles: list = []
 
@@ -85,7 +88,9 @@ class SignalCapture:
         @torch.no_grad()
         def groups_of(b: int) -> list[GroupSignals]:
             if not computed:
-                computed.extend(map_groups(source.compute(model, captures, self.chunk_bytes), layouts, source.family))
+                largest = max((c["hidden"].numel() * c["hidden"].element_size() for c in captures), default=0)
+                chunk = max(self.min_chunk_bytes, 2 * largest)
+                computed.extend(map_groups(source.compute(model, captures, chunk), layouts, source.family))
             return computed[b]
 
         return [VisionSignals(lambda b=b: groups_of(b), source.has_cls,

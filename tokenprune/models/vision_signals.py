@@ -91,36 +91,51 @@ def clip_groups(layer, captures: list[dict], chunk_bytes: int) -> list[GroupSign
 # Qwen2-VL / Qwen2.5-VL (ViT without CLS, 2x2 patch merger)
 # ---------------------------------------------------------------------------------------------------------
 def vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The ViT's rotary embedding in float32: ``x`` ``[T, H, hd]``, ``cos`` / ``sin`` ``[T, hd]``."""
+    """The ViT's rotary embedding in float32: ``x`` ``[T, H, hd]``, ``cos`` / ``sin`` ``[T, hd]`` (one temporary)."""
     cos, sin = cos.float()[:, None], sin.float()[:, None]
     x = x.float()
-    return x * cos + rotate_half(x) * sin
+    return (rotate_half(x) * sin).addcmul_(x, cos)
 
 
 def qwen_block_qk(block, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE'd queries and keys of a ViT block from its own norm and qkv: ``hidden`` ``[T, D]`` (window order)
-    → two ``[T, H, hd]`` float32."""
+    """RoPE'd queries and keys of a ViT block from its own norm and the query / key rows of its qkv projection (the
+    values are never computed): ``hidden`` ``[T, D]`` (window order) → two ``[T, H, hd]`` float32."""
     attention = block.attn
     length = hidden.shape[0]
-    qkv = attention.qkv(block.norm1(hidden)).reshape(length, 3, attention.num_heads, -1)
+    normed = block.norm1(hidden)  # [T, D]
+    weight, bias = attention.qkv.weight, attention.qkv.bias  # [3D, D], [3D]: q, k, v rows
+    dim = weight.shape[0] // 3
     cos, sin = position_embeddings
-    return vision_rope(qkv[:, 0], cos, sin), vision_rope(qkv[:, 1], cos, sin)
+    projected = []
+    for part in (0, 1):
+        rows = slice(part * dim, (part + 1) * dim)
+        x = torch.nn.functional.linear(normed, weight[rows], None if bias is None else bias[rows])
+        projected.append(vision_rope(x.view(length, attention.num_heads, -1), cos, sin))
+    return projected[0], projected[1]
 
 
 def qwen_received_attention(block, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings,
-                            chunk_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
-    """Attention each patch receives in ``block``: head mean, summed over the query rows of its own attention
-    segment (``cu_seqlens``). ``hidden`` ``[T, D]`` → ``[T]`` float32, window order."""
-    queries, keys = qwen_block_qk(block, hidden, position_embeddings)
+                            chunk_bytes: int = SCORE_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention each patch receives in ``block`` (head mean, summed over the query rows of its own attention
+    segment, ``cu_seqlens``) and its head-mean RoPE'd key: ``hidden`` ``[T, D]`` → ``[T]``, ``[T, hd]`` float32,
+    window order. One segment at a time: queries and keys exist for one segment only."""
+    cos, sin = position_embeddings
     bounds = cu_seqlens.tolist()
-    received = []
+    received, mean_keys = [], []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        q = queries[start:stop].transpose(0, 1)[None]  # [1, H, n, hd]
-        k = keys[start:stop].transpose(0, 1)[None]
-        rows = torch.arange(stop - start, device=hidden.device)
-        received.append(attention_probabilities(q, k, rows, None, block.attn.scaling, causal=False, heads="mean",
-                                                reduce="sum", chunk_bytes=chunk_bytes)[0])
-    return torch.cat(received)
+        queries, keys = qwen_block_qk(block, hidden[start:stop], (cos[start:stop], sin[start:stop]))  # [n, H, hd]
+        length, heads = keys.shape[:2]
+        queries, keys = queries.transpose(0, 1)[None], keys.transpose(0, 1)[None]  # [1, H, n, hd]
+        total = torch.zeros(length, device=hidden.device)
+        step = max(1, chunk_bytes // (4 * heads * length * 2))  # query rows whose scores and softmax fit the budget
+        for first in range(0, length, step):  # a running sum: one [n] partial at a time
+            rows = torch.arange(first, min(length, first + step), device=hidden.device)
+            total += attention_probabilities(queries[:, :, rows], keys, rows, None, block.attn.scaling, causal=False,
+                                             heads="mean", reduce="sum", chunk_bytes=chunk_bytes)[0]
+        received.append(total)
+        mean_keys.append(keys[0].mean(dim=0))
+        del queries, keys
+    return torch.cat(received), torch.cat(mean_keys)
 
 
 def merge_units(values: torch.Tensor, window_index: torch.Tensor, unit: int) -> torch.Tensor:
@@ -163,11 +178,10 @@ def qwen_vit_groups(visual, captures: list[dict], chunk_bytes: int, window_index
     for call, capture in enumerate(captures):
         hidden, grid_thw = capture["hidden"], capture["grid_thw"]
         order = None if window_index is None else window_index(grid_thw).to(hidden.device)
-        received = qwen_received_attention(block, hidden, capture["cu_seqlens"], capture["position_embeddings"],
-                                           chunk_bytes)  # [T]
-        _, keys = qwen_block_qk(block, hidden, capture["position_embeddings"])  # [T, H, hd]
+        received, keys = qwen_received_attention(block, hidden, capture["cu_seqlens"], capture["position_embeddings"],
+                                                 chunk_bytes)  # [T], [T, hd]
         scores = merge_units_in_order(received, unit, order)  # [T / 4]
-        keys = merge_units_in_order(keys.mean(dim=1), unit, order)  # [T / 4, hd]
+        keys = merge_units_in_order(keys, unit, order)  # [T / 4, hd]
         start = 0
         for item, (frames, height, width) in enumerate(grid_thw.tolist()):
             size = height * width // unit
