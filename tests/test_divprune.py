@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenprune.methods._budget import budget_count
-from tokenprune.methods.divprune import DivPrune, cosine_distances, divprune_select
+from tokenprune.methods.divprune import CosineDistanceRows, DivPrune, cosine_distances, divprune_select
 
 
 def reference_divprune(features, count):
@@ -110,6 +110,33 @@ def test_batched_pools_equal_each_pool_alone():
     batched = divprune_select(cosine_distances(features), 9)
     for b in range(4):
         assert torch.equal(batched[b], divprune_select(cosine_distances(features[b:b + 1]), 9)[0])
+
+
+@pytest.mark.parametrize("block_bytes", [1, 200, None])
+def test_distances_without_the_full_matrix(block_bytes):
+    """The method never builds the N x N matrix (issue 17's memory rule): rows on demand and nearest-neighbour
+    distances in tiles of any size equal ``cosine_distances`` up to rounding, the nearest-neighbour distances are
+    exactly symmetric (mutual nearest neighbours tie exactly), and the picks equal the full matrix's."""
+    features = torch.randn(3, 30, 5, generator=torch.Generator().manual_seed(11))
+    full = cosine_distances(features)
+    lean = CosineDistanceRows(features, block_bytes=block_bytes)
+    everything = torch.arange(30).expand(3, -1)
+    torch.testing.assert_close(lean.rows(everything), full, rtol=0, atol=1e-6)
+    nearest = lean.nearest()
+    torch.testing.assert_close(nearest, full.topk(2, dim=1, largest=False).values[:, 1], rtol=0, atol=1e-6)
+    partner = (full + torch.eye(30) * 10).argmin(dim=1)  # [3, 30]: each token's nearest neighbour
+    mutual = partner.gather(1, partner) == torch.arange(30)
+    assert mutual.any()
+    assert torch.equal(nearest[mutual], nearest.gather(1, partner)[mutual])  # exact ties between mutual neighbours
+    for count in (1, 9, 30):
+        assert torch.equal(divprune_select(lean, count), divprune_select(full, count))
+
+
+def test_duplicates_without_the_full_matrix_never_repeat_an_index():
+    features = torch.randn(1, 24, 4, generator=torch.Generator().manual_seed(12))
+    features[0, 12:] = features[0, :12]  # every token twice
+    picks = divprune_select(CosineDistanceRows(features, block_bytes=64), 24)[0].tolist()
+    assert sorted(picks) == list(range(24))
 
 
 def test_config_counts_and_model_dtype():
