@@ -73,6 +73,52 @@ def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor | None) -
     return relevance[:, :, None] * similarity * relevance[:, None, :]
 
 
+DIAGONAL_TILE = 256  # rows per diagonal tile of the Gram product (a [B, 256, 256] float32 block at most)
+
+
+class ConditionalKernel:
+    """``conditional_kernel`` without the ``N x N`` matrix: its diagonal and the rows the greedy MAP reads (one per
+    pick), computed on demand from the unit rows — equal to ``conditional_kernel`` up to float rounding."""
+
+    def __init__(self, features: torch.Tensor, relevance: torch.Tensor | None):
+        self.unit = unit_rows(features).float()  # [B, N, d]: normalised in the features' dtype, then float32
+        self.relevance = None if relevance is None else relevance.float()  # [B, N]
+        batch, num_tokens, _ = self.unit.shape
+        self.shape = (batch, num_tokens, num_tokens)
+        self.device, self.dtype = self.unit.device, self.unit.dtype
+
+    def diagonal(self) -> torch.Tensor:
+        """``[B, N]``: ``r_j² x̂_j·x̂_j``, from the diagonal tiles of the Gram product ``X̂ X̂ᵀ`` (``DIAGONAL_TILE``
+        rows at a time): the rounding of the full product's diagonal, which the official code's first pick of the
+        unconditional DPP follows (every entry is 1 in exact arithmetic)."""
+        tile = DIAGONAL_TILE
+        similarity = torch.cat([torch.diagonal(block @ block.transpose(1, 2), dim1=1, dim2=2)
+                                for block in self.unit.split(tile, dim=1)], dim=1)  # [B, N]
+        return similarity if self.relevance is None else self.relevance * similarity * self.relevance
+
+    def row(self, index: torch.Tensor) -> torch.Tensor:
+        """``L[b, index[b]]``: ``index`` ``[B]`` → ``[B, N]``."""
+        rows = torch.arange(self.shape[0], device=self.device)
+        similarity = (self.unit @ self.unit[rows, index][..., None])[..., 0]  # [B, N]
+        if self.relevance is None:
+            return similarity
+        return self.relevance[rows, index][:, None] * similarity * self.relevance
+
+
+class MatrixKernel:
+    """``ConditionalKernel``'s interface over a given ``[B, N, N]`` kernel."""
+
+    def __init__(self, kernel: torch.Tensor):
+        self.kernel = kernel
+        self.shape, self.device, self.dtype = kernel.shape, kernel.device, kernel.dtype
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.diagonal(self.kernel, dim1=1, dim2=2)
+
+    def row(self, index: torch.Tensor) -> torch.Tensor:
+        return self.kernel[torch.arange(self.shape[0], device=self.device), index]
+
+
 @dataclass
 class DPPResult:
     """picks ``[B, T]`` in pick order; gains ``[B, T]``: ``d_j`` of each pick (the Schur complement, so that
@@ -83,25 +129,29 @@ class DPPResult:
     guarded: torch.Tensor
 
 
-def dpp_greedy_map(kernel: torch.Tensor, count: int, fallback_order: torch.Tensor | None = None) -> DPPResult:
-    """Greedy MAP of a DPP with kernel ``[B, N, N]``, computed in the kernel's dtype (no host sync).
+def dpp_greedy_map(kernel: torch.Tensor | ConditionalKernel, count: int,
+                   fallback_order: torch.Tensor | None = None) -> DPPResult:
+    """Greedy MAP of a DPP with kernel ``[B, N, N]`` (a tensor, or rows on demand: ``ConditionalKernel``), computed
+    in the kernel's dtype (no host sync; memory ``O(T N)``: one kernel row per pick).
 
     At step ``i``: ``j = argmax d``; ``e = (L[j] - Σ_{t<i} c_t[j] c_t) / sqrt(d_j)``; ``c_i = e``; ``d -= e²``;
     ``d_j = -inf``. Once ``d_j`` is not a positive finite number the remaining picks follow ``fallback_order``
     scores (``[B, N]``, highest first, lower index on ties; default: the kernel's diagonal).
     """
+    kernel = MatrixKernel(kernel) if isinstance(kernel, torch.Tensor) else kernel
     batch, num_tokens, _ = kernel.shape
     count = max(0, min(count, num_tokens))
     device = kernel.device
     rows = torch.arange(batch, device=device)
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # [B, N]: d, the Schur complements
-    basis = kernel.new_zeros(count, batch, num_tokens)  # [T, B, N]: the c_t
-    fallback = (torch.diagonal(kernel, dim1=1, dim2=2) if fallback_order is None else fallback_order).float().clone()
+    diagonal = kernel.diagonal()
+    gains = diagonal.clone()  # [B, N]: d, the Schur complements
+    basis = torch.zeros(count, batch, num_tokens, dtype=kernel.dtype, device=device)  # [T, B, N]: the c_t
+    fallback = (diagonal if fallback_order is None else fallback_order).float().clone()
     picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     guarded = torch.zeros(batch, dtype=torch.long, device=device)
     picks = torch.zeros(batch, count, dtype=torch.long, device=device)
-    chosen_gains = kernel.new_full((batch, count), float("nan"))
+    chosen_gains = torch.full((batch, count), float("nan"), dtype=kernel.dtype, device=device)
     for i in range(count):
         best = gains.argmax(dim=-1)  # [B]
         best_gain = gains[rows, best]
@@ -113,7 +163,7 @@ def dpp_greedy_map(kernel: torch.Tensor, count: int, fallback_order: torch.Tenso
         guarded += stopped.long()
         # rank-one update of the Schur complements (a no-op on stopped groups)
         projection = torch.einsum("tb,tbn->bn", basis[:i, rows, best], basis[:i])  # [B, N]
-        update = (kernel[rows, best] - projection) / torch.where(stopped, 1.0, best_gain).sqrt()[:, None]  # [B, N]
+        update = (kernel.row(best) - projection) / torch.where(stopped, 1.0, best_gain).sqrt()[:, None]  # [B, N]
         update = update.masked_fill(stopped[:, None], 0.0)
         basis[i] = update
         gains = gains - update.square()
@@ -244,7 +294,7 @@ class CDPruner(Method):
             rows = torch.arange(num_tokens, device=features.device).expand(batch, -1)
             return rows, torch.zeros(batch, dtype=torch.long, device=features.device)
         fallback = relevance if relevance is not None else torch.ones(batch, num_tokens, device=features.device)
-        result = dpp_greedy_map(conditional_kernel(features, relevance), count, fallback)
+        result = dpp_greedy_map(ConditionalKernel(features, relevance), count, fallback)  # never the N x N kernel
         return torch.sort(result.picks, dim=-1).values, result.guarded
 
     def relevance_of(self, seq: DecoderInput, rows: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
