@@ -21,6 +21,7 @@ from conftest import hook_snapshot, make_image, make_sample
 from tokenprune.methods.vispruner import vispruner_select
 from tokenprune.models.vision_signals import VisionTrace, clip_signal_layer
 from tokenprune.models.qwen2vl import Qwen2VLAdapter, tiny_qwen2vl_config
+from tokenprune.models.qwen3vl import Qwen3VLAdapter, tiny_qwen3vl_config
 from tokenprune.models.zoo.tiny import (tiny_llava_config, tiny_llava_processor, tiny_qwen25vl_config,
                                         tiny_qwen25vl_processor)
 
@@ -36,7 +37,16 @@ BUILDERS = {
     # Qwen2-VL: a plain ViT (every block full attention per temporal step, no window permutation)
     "tiny_qwen2vl": (lambda: tiny_qwen2vl_config(layers=1, vision_depth=3), lambda: Qwen2VLAdapter().tiny_processor(),
                      "qwen2vl"),
+    # Qwen3-VL: a plain ViT like Qwen2-VL's (LayerNorm, learned + 2-D RoPE positions), DeepStack from every block
+    # (four decoder layers: more than the three DeepStack features)
+    "tiny_qwen3vl": (lambda: tiny_qwen3vl_config(layers=4, vision_depth=3), lambda: Qwen3VLAdapter().tiny_processor(),
+                     "qwen3vl"),
 }
+QWEN = [(name, family) for name, (_, _, family) in BUILDERS.items() if family != "llava"]
+
+
+def test_every_registered_family_is_compared_with_brute_force():
+    assert sorted(family for _, _, family in BUILDERS.values()) == sorted(a.family for a in tp.models.adapters())
 
 
 @lru_cache(maxsize=None)
@@ -198,7 +208,7 @@ def random_grids(seed: int = 0):
     return torch.randn(patches, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed)), grid_thw
 
 
-@pytest.mark.parametrize("name,family", [("tiny_qwen25vl", "qwen25vl"), ("tiny_qwen2vl", "qwen2vl")])
+@pytest.mark.parametrize("name,family", QWEN)
 def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order(name, family):
     sdpa, eager = twins(name)
     pixel_values, grid_thw = random_grids()
@@ -215,7 +225,7 @@ def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order(name,
     assert [round(float(g.scores.sum()), 3) for g in groups] == [24.0, 24.0, 8.0]
 
 
-@pytest.mark.parametrize("name,family", [("tiny_qwen25vl", "qwen25vl"), ("tiny_qwen2vl", "qwen2vl")])
+@pytest.mark.parametrize("name,family", QWEN)
 def test_qwen_trace_through_the_model_equals_brute_force_on_the_processed_image(name, family):
     sdpa, eager = twins(name)
     trace, inputs = trace_forward(sdpa, two_images(), family)
@@ -240,7 +250,7 @@ def test_chunked_scores_equal_one_block():
 # ---------------------------------------------------------------------------------------------------------
 # The trace itself
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("name,family", [(name, family) for name, (_, _, family) in BUILDERS.items()])
 def test_trace_is_lazy_changes_nothing_and_removes_its_hooks(name, family, monkeypatch):
     vlm = build(name, "sdpa")
     inputs = vlm.prepare(make_sample(2))
@@ -267,7 +277,7 @@ def test_trace_is_lazy_changes_nothing_and_removes_its_hooks(name, family, monke
     assert hook_snapshot(vlm.model) == before
 
 
-@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("name,family", [(name, family) for name, (_, _, family) in BUILDERS.items()])
 def test_generate_encodes_the_images_once_before_its_first_forward_and_the_trace_sees_it(name, family):
     """transformers 5 ``generate`` runs the vision encoder itself (``mm_encoder_outputs``), before the first forward:
     a trace around ``generate`` gets one encoder call with the same signals as around a plain forward."""
@@ -296,7 +306,7 @@ def test_unknown_family_and_full_strategy_are_refused():
         config.vision_feature_select_strategy = previous
 
 
-@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("name,family", [(name, family) for name, (_, _, family) in BUILDERS.items()])
 def test_vispruner_important_set_is_the_top_of_the_brute_force_scores(name, family):
     """VisPruner card test 4: the important set equals the top-int(T r) of eager CLS attention / brute-force sums."""
     sdpa, eager = twins(name)

@@ -12,7 +12,8 @@ kernels):
   ``[N, head_dim]`` (CLS key in ``cls_key``). ``features``: the layer's output patches ``[N, D]``
   (``hidden_states[-2][1:]``, pre-projector), the CLS feature in ``cls_feature``; ``project`` is the multimodal
   projector, ``post_norm`` the tower's ``post_layernorm``.
-* **Qwen2-VL / Qwen2.5-VL** (ViT without CLS, 2x2 patch merger; ``models/qwen2vl.py``, ``models/qwen25vl.py``): the
+* **Qwen2-VL / Qwen2.5-VL / Qwen3-VL** (ViT without CLS, 2x2 patch merger; ``models/qwen2vl.py``,
+  ``models/qwen25vl.py``, Qwen3-VL inheriting Qwen2-VL's source): the
   last block (full attention on Qwen2.5-VL's windowed ViT). ``scores``: the softmax with the vision RoPE, head mean,
   summed over all query rows of the block's attention segment (one temporal step), averaged over each 2x2 merge
   unit, window order undone (Qwen2.5-VL) ``[M]``. ``keys``: the block's RoPE'd keys averaged over heads and merge
