@@ -86,17 +86,21 @@ def run(vlm, inputs, method):
 
 
 def reference_logits(vlm, inputs, entries: list, reindex: bool) -> torch.Tensor:
-    """The stock decoder on a decoder input built by hand: ``entries`` lists, in order, a kept prompt row (an int) or
-    a new row ``(embedding [d], positions [P])``; positions contiguous when ``reindex``."""
+    """The stock decoder on a decoder input built by hand: ``entries`` lists, in order, a kept prompt row (an int:
+    its embedding, positions and side inputs, e.g. Qwen3-VL's DeepStack features) or a new row ``(embedding [d],
+    positions [P])``, or ``(embedding, positions, {layer: side input [d]})`` on a family with side inputs; positions
+    contiguous when ``reindex``."""
     call = stock_decoder_call(vlm, inputs)
     embeds, positions = call["embeds"][0], call["positions"][0]  # [L, d], [P, L]
     rows = [embeds[e] if isinstance(e, int) else e[0].to(embeds.dtype) for e in entries]
     places = [positions[:, e] if isinstance(e, int) else e[1] for e in entries]
+    side = {layer: torch.stack([values[0, e] if isinstance(e, int) else e[2][layer].to(values.dtype)
+                                for e in entries])[None] for layer, values in call["side"].items()}  # [1, L', d]
     hidden, positions = torch.stack(rows)[None], torch.stack(places, dim=1)[None]  # [1, L', d], [1, P, L']
     if reindex:
         positions = torch.arange(hidden.shape[1])[None, None].expand(1, positions.shape[1], -1)
     with torch.no_grad():
-        return final_logits(vlm, layers_by_hand(vlm, hidden, positions, {}, range(len(vlm.adapter.layers(vlm.model)))))
+        return final_logits(vlm, layers_by_hand(vlm, hidden, positions, side, range(len(vlm.adapter.layers(vlm.model)))))
 
 
 def selection_entries(layout, kept_visual: list[int]) -> list[int]:
@@ -248,9 +252,14 @@ def test_visionzip_equals_the_plain_reference(family, positions):
                              for ws, t, m in zip(weights, targets, members)])
         assert not torch.allclose(contextual, mixed, rtol=1e-2, atol=1e-3)
     else:
+        # each side input (Qwen3-VL's DeepStack levels) merged as the embeddings: the same members and weights
+        side = {layer: torch.tensor(reference_visionzip(group.scores.tolist(), group.keys.double().tolist(),
+                                                        values[0, visual].double().tolist(), dominant, 3)[3])
+                for layer, values in call["side"].items()}  # {layer: [3, d]}
         kept = sorted(chosen + targets)
-        entries = before + [(merged[targets.index(i)], positions_of[:, visual[i]]) if i in targets else visual[i]
-                            for i in kept] + after
+        entries = before + [(merged[targets.index(i)], positions_of[:, visual[i]],
+                             {layer: rows[targets.index(i)] for layer, rows in side.items()})
+                            if i in targets else visual[i] for i in kept] + after
     assert report.visual_entering_decoder == (1 + 9 + 3 if llava else 18 + 3)
     expected = reference_logits(vlm, inputs, entries, positions == "auto" and llava)
     torch.testing.assert_close(logits, expected, **TOLERANCE)
@@ -501,11 +510,14 @@ def test_cdpruner_clip_relevance_is_the_negated_clip_similarity_to_the_question(
             vlm.model(**inputs)
 
 
-def test_cdpruner_clip_relevance_is_refused_where_the_encoder_emits_no_clip_features(tiny_clip):
-    vlm = tiny_vlm("tiny_qwen25vl")
+def test_cdpruner_clip_relevance_is_refused_where_the_encoder_emits_no_clip_features(family, tiny_clip):
+    vlm = tiny_vlm(family)
+    if is_llava(vlm):
+        pytest.skip("LLaVA's CLIP tower emits them (the official setting)")
     inputs = vlm.prepare(make_sample(75))
     with torch.no_grad(), tp.apply(vlm.model, "cdpruner", budget=8, clip_path=tiny_clip, questions=["q"]):
-        with pytest.raises(ValueError, match="needs the CLIP tower's pre-projector features, which the qwen25vl"):
+        with pytest.raises(ValueError, match="needs the CLIP tower's pre-projector features, which the "
+                                             f"{vlm.adapter.family}"):
             vlm.model(**inputs)
 
 
