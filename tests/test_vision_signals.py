@@ -328,7 +328,7 @@ def test_vispruner_important_set_is_the_top_of_the_brute_force_scores(name, fami
 
 
 def check_device(device: str):
-    for name, family in (("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")):
+    for name, (_, _, family) in BUILDERS.items():
         vlm = build(name, "sdpa")
         inputs = vlm.prepare(two_images(3))
         with VisionTrace(vlm.model, family) as trace, torch.no_grad():
