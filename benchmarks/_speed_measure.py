@@ -98,6 +98,8 @@ class Prefill:
     def ms(self) -> float:
         return median(self.times_ms)
 
+    pre_llm_ms_all: list[float] = field(default_factory=list)
+
     @property
     def overhead_ms(self) -> float:
         return median(self.overheads_ms) or 0.0
@@ -108,11 +110,13 @@ class Prefill:
 
 
 def measure_prefill(vlm, inputs: dict, method: Method, repeats: int, warmup: int, around=nullcontext,
-                    count_syncs: bool = True) -> Prefill:
+                    count_syncs: bool = True, before_call=None) -> Prefill:
     """Decoder prefill of ``inputs`` under ``method``: ``warmup`` calls, one call for peak memory and the KV cache,
     then ``repeats`` timed calls (median), then (CUDA) one call counting host-device synchronisations.
 
     ``around``: a context manager factory entered outside ``apply`` (the peer-style eager switch).
+    ``before_call``: run before every call, outside the timed span and the memory peak (the vision encoder, for
+    methods that read its signals: ``generate`` runs it before its first forward too).
     """
     model, device = vlm.model, vlm.device
     outer, text = vlm.adapter.outer_model(model), vlm.adapter.text_model(model)
@@ -121,20 +125,26 @@ def measure_prefill(vlm, inputs: dict, method: Method, repeats: int, warmup: int
     def call():
         return outer(**inputs, use_cache=True)
 
+    prepare = before_call or (lambda: None)
     spans = Spans(text, clock)  # registered before apply(): the driver's hooks run inside the span
     try:
         with around(), apply(model, method) as session:
             for _ in range(warmup):
+                prepare()
                 call()
+            prepare()
             with PeakMemory(device, cpu="tensors") as memory:
                 cache = output_cache(call())
             report = session.last_report
             reports = []
             for _ in range(repeats):
+                prepare()
                 clock.synchronize()  # each prefill starts on an idle device, like a request
                 call()
                 reports.append(session.last_report)
             clock.synchronize()
+            if count_syncs:
+                prepare()
             syncs = count_synchronizations(call, device) if count_syncs else None
     finally:
         spans.remove()

@@ -142,9 +142,10 @@ COLUMNS = """Columns: *tokens / layer* Σ_l n_l / L (visual in brackets); *prefi
 method's selections, scoring and the driver's work included); *ideal* Σ_l t(n_l), one decoder layer's measured time
 at each layer's token count (sublayers for layer-skip plans); *×ideal* prefill / ideal (the unpruned row shows what
 the stock loop adds to its layers); *overhead* method hooks (scoring + selection) from the PrefillReport, and its
-share of the prefill; *pre-LLM* the part of it spent before the decoder (``before_llm`` merging: pool, PruneVid
-stage 1), for methods that have one; a downsampled row runs on its own smaller input, with its own vision-encoder
-time in its TTFT; *speed-up* unpruned prefill / prefill (ideal: the same for the ideal times); *decode* one
+share of the prefill; *pre-LLM* the part of it spent before the decoder by a pre-LLM method (``before_llm``: vision
+signals, selection, merging: VisionZip & co, pool, PruneVid stage 1; the vision encoder itself runs outside the
+prefill); a downsampled row runs on its own smaller input, with its own vision-encoder time in its TTFT;
+*speed-up* unpruned prefill / prefill (ideal: the same for the ideal times); *decode* one
 step on the method's KV cache with the method applied, *×stock decode* against the stock model stepping the same
 cache (same per-layer lengths, no hooks); *peak memory* allocated during the prefill (GPU: weights included, *extra
 peak* the same minus the memory in use before the call; CPU: the peak live bytes of the tensors the prefill creates,

@@ -12,8 +12,8 @@ method at 2-3 budgets, the decoder prefill runs with the encoder output passed i
 
 * prefill: the text decoder's forward, warm-up then median of ``--repeats`` (CUDA events);
 * ideal: sum over layers of one decoder layer's measured time at that layer's token count (PrefillReport);
-* overhead: the method hooks' time (scoring + selection), from the PrefillReport; its pre-LLM part (``before_llm``:
-  merging before the decoder) also in its own column;
+* overhead: the method hooks' time (scoring + selection), from the PrefillReport; the part spent before the
+  decoder (``before_llm``: vision signals, selection, merging of pre-LLM methods) in its own column;
 * a preprocessing method (``downsample``) runs on its own smaller input (the prompt's grids scaled to its token
   fraction), whose vision-encoder time is that row's;
 * decode: one step per token on the resulting KV cache, with the method applied and for the stock model on the
@@ -21,6 +21,10 @@ method at 2-3 budgets, the decoder prefill runs with the encoder output passed i
 * peak allocated memory during the prefill and KV-cache bytes after it;
 * peer-style rows for FastV and HiMAP: the same selection from eager attention maps (``attn_implementation=
   "eager"``, the maps of the scoring layers kept as ``output_attentions=True`` keeps them).
+
+Pre-LLM methods that read the vision encoder's signals (VisionZip, VisPruner) get the encoder run before each
+decoder prefill (untimed: the captures their hooks need); their signal computation is in the pre-LLM column. No
+method scores with eager attention maps (only the peer-style rows do).
 
 Writes ``speed.json``, ``speed.md`` and ``speed.png`` under ``--out`` and prints the Markdown tables.
 PruneVid (a video method) runs on a video-shaped input (``--video-frames`` temporal steps, same N) on
@@ -53,7 +57,7 @@ from tokenprune.methods._budget import budget_fraction  # noqa: E402
 from tokenprune.run.measure import release_memory  # noqa: E402
 from tokenprune.run.runner import method_label  # noqa: E402
 
-from _speed_inputs import build_prompt, load_random_model, resized_grids, supports_video  # noqa: E402
+from _speed_inputs import build_prompt, encode, load_random_model, resized_grids, supports_video  # noqa: E402
 from _speed_measure import (PEER_SCORING_LAYERS, EagerMapScoring, LayerTimer, Schedule,  # noqa: E402
                             eager_attention_maps, ideal_prefill_ms, measure_decode, measure_prefill, measure_vision)
 from _speed_report import write_outputs  # noqa: E402
@@ -84,8 +88,9 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
     uniform keep r at layer 2; PDrop keeps r, r/2, r/4 at 1/4, 1/2, 3/4 depth; HiMAP keeps r then r/4; PruneVid
     merges to r clusters per group; layer skip runs visual rows through the first r of the layers only (both
     sublayers skipped in the rest); SparseVLM ends with r·N tokens after its (depth-scaled) stages. A method not
-    listed here runs at ``keep_ratio=r`` or ``budget=r`` (DART, pool, downsample: r·N tokens) if it has that field,
-    else once with its defaults.
+    listed here runs at ``budget=r`` (the retained-token fraction of the issue-18 methods: VisionZip, VisPruner,
+    DivPrune, CDPruner, DART, pool, downsample: r·N tokens) or ``keep_ratio=r`` if it has that field, else once
+    with its defaults.
     """
     if name == "baseline":
         return []
@@ -109,12 +114,10 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
         else:
             cls = tp.methods.method_class(name)
             known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-            if "keep_ratio" in known:
-                fields = {"keep_ratio": r}
-            elif "budget" in known:  # the issue-18 methods: a fraction of the visual tokens (status/budget.md)
-                fields = {"budget": r}
-            else:
+            field_name = next((f for f in ("budget", "keep_ratio") if f in known), None)
+            if field_name is None:
                 return [(None, {})]
+            fields = {field_name: r}
         configs.append((r, fields))
     return configs
 
@@ -134,7 +137,9 @@ def measure_row(vlm, args, prompt, inputs, method, row: dict, around=None, decod
     """Fill ``row`` with one method's prefill / decode / memory numbers (errors are recorded, not raised)."""
     started = time.perf_counter()
     try:
-        prefill = measure_prefill(vlm, inputs, method, args.repeats, args.warmup, around=around or nullcontext)
+        before_call = (lambda: encode(vlm, prompt)) if needs_vision_signals(method) else None
+        prefill = measure_prefill(vlm, inputs, method, args.repeats, args.warmup, around=around or nullcontext,
+                                  before_call=before_call)
         row.update(prefill_ms=prefill.ms, prefill_ms_all=prefill.times_ms, overhead_ms=prefill.overhead_ms,
                    pre_llm_ms=prefill.pre_llm_ms,
                    peak_bytes=prefill.peak_bytes, extra_peak_bytes=prefill.extra_peak_bytes,
@@ -158,6 +163,11 @@ def measure_row(vlm, args, prompt, inputs, method, row: dict, around=None, decod
         release_memory()
     row["wall_s"] = time.perf_counter() - started
     return row
+
+
+def needs_vision_signals(method) -> bool:
+    """Whether the method's before_llm reads the vision encoder's signals (then the encoder must run each call)."""
+    return any(getattr(part, "needs_vision_signals", False) for part in method.components())
 
 
 def finish_group(rows: list[dict], timer: LayerTimer, vision_ms: float) -> None:

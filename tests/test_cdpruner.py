@@ -7,8 +7,10 @@ import torch
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 
-from tokenprune.methods.cdpruner import (CDPruner, RELEVANCE_EPSILON, cdpruner_relevance, clip_image_embeds,
-                                         clip_text_chunks, clip_text_embeds, conditional_kernel, dpp_greedy_map)
+from tokenprune.methods._budget import budget_count
+from tokenprune.methods.cdpruner import (CDPruner, ConditionalKernel, RELEVANCE_EPSILON, cdpruner_relevance,
+                                         clip_image_embeds, clip_text_chunks, clip_text_embeds, conditional_kernel,
+                                         dpp_greedy_map)
 
 
 def random_psd(n: int, seed: int) -> torch.Tensor:
@@ -58,6 +60,29 @@ def test_conditional_kernel_is_relevance_times_cosine_times_relevance():
                 assert float(kernel[b, i, j]) == pytest.approx(float(relevance[b, i] * relevance[b, j]) * cosine,
                                                                rel=1e-5, abs=1e-6)
     assert torch.equal(conditional_kernel(features, None), conditional_kernel(features, torch.ones(2, 7)))
+
+
+@pytest.mark.parametrize("with_relevance", [True, False])
+def test_kernel_rows_on_demand_equal_the_full_kernel(with_relevance):
+    """CDPruner never builds the N x N kernel (issue 17's memory rule): ``ConditionalKernel``'s diagonal and rows
+    equal ``conditional_kernel`` up to float32 rounding (another summation order; the unconditional diagonal,
+    which decides the first pick, exactly on this CPU BLAS), and the greedy picks and gains over either are the
+    same."""
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(3, 300, 32, generator=generator)  # rank 32 > 12 picks; N > DIAGONAL_TILE
+    relevance = torch.rand(3, 300, generator=generator) if with_relevance else None
+    full = conditional_kernel(features, relevance)  # [3, 40, 40]
+    lean = ConditionalKernel(features, relevance)
+    assert lean.shape == full.shape and lean.dtype == full.dtype
+    torch.testing.assert_close(lean.diagonal(), torch.diagonal(full, dim1=1, dim2=2), rtol=0, atol=1e-6)
+    for index in ([0, 5, 299], [17, 17, 2]):
+        index = torch.tensor(index)
+        torch.testing.assert_close(lean.row(index), full[torch.arange(3), index], rtol=0, atol=1e-6)
+    # without relevance every diagonal entry is 1 up to rounding: the first pick follows the product's rounding
+    assert torch.equal(lean.diagonal(), torch.diagonal(full, dim1=1, dim2=2)) or with_relevance
+    on_demand, matrix = dpp_greedy_map(lean, 12, relevance), dpp_greedy_map(full, 12, relevance)
+    assert torch.equal(on_demand.picks, matrix.picks)
+    torch.testing.assert_close(on_demand.gains, matrix.gains, rtol=1e-4, atol=1e-6)
 
 
 def test_batched_groups_equal_each_group_alone():
@@ -123,9 +148,9 @@ def test_guard_with_duplicated_tokens_keeps_exactly_t_distinct_rows_and_leaves_o
     assert int(result.guarded[0]) > 0
     alone = dpp_greedy_map(conditional_kernel(features[1:], relevance[1:]), 9, relevance[1:])
     assert torch.equal(result.picks[1], alone.picks[0]) and int(result.guarded[1]) == int(alone.guarded[0])
-    kept, guarded = CDPruner(budget=9, relevance="none").keep_rows(features[:1], None)
+    kept, guarded = CDPruner(relevance="none").keep_rows(features[:1], None, 9)
     assert kept.tolist() == [list(range(9))] and guarded.tolist() == [0]  # budget >= N: no DPP at all
-    kept, guarded = CDPruner(budget=8, relevance="none").keep_rows(features[:1], None)
+    kept, guarded = CDPruner(relevance="none").keep_rows(features[:1], None, 8)
     assert kept.shape == (1, 8) and kept.unique().numel() == 8 and int(guarded[0]) > 0
 
 
@@ -218,11 +243,12 @@ def test_resolved_relevance_and_sign():
     clip = CDPruner(clip_path="openai/clip-vit-large-patch14-336")
     assert (clip.resolved_relevance(), clip.resolved_sign()) == ("clip", -1.0)  # official
     assert CDPruner(relevance_sign=-1).resolved_sign() == -1.0
-    assert CDPruner().kept_count(576) == 128 and CDPruner(budget=64).kept_count(576) == 64
+    assert budget_count(576, CDPruner().budget) == 128  # the default fraction: 128 of LLaVA-1.5's 576
+    assert CDPruner(clip_path="x").needs_vision_signals and not CDPruner().needs_vision_signals
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"budget": 1.5}, r"cdpruner.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"),
+    ({"budget": 1.5}, r"cdpruner.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
     ({"relevance": "text"}, r"cdpruner.relevance must be one of \['auto', 'clip', 'llm', 'none'\], got 'text'"),
     ({"relevance": "clip"}, "cdpruner.relevance=clip needs clip_path"),
     ({"relevance_sign": 0}, "cdpruner.relevance_sign must be -1, 1 or null, got 0"),

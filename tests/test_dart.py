@@ -16,8 +16,8 @@ import torch
 
 import tokenprune as tp
 from conftest import make_image, make_sample, stock_logits, tiny_vlm
-from helpers import Frozen, LayerSpy, Replay, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_prefill
-from test_reduction import logits_after_a_reduction_by_hand
+from helpers import (Frozen, LayerSpy, Replay, assert_cached_decoding_equals_recompute, forced_generation,
+                     logits_after_a_reduction_by_hand, rotary_tables, stock_prefill)
 from tokenprune.engine.compat import output_cache
 from tokenprune.methods.base import ModelInfo, resolve_positions
 from tokenprune.methods.dart import (DART, OFFICIAL_POSITIONS, budget_per_pivot, dart_keep, duplication_keep,

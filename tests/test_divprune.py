@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from tokenprune.methods.divprune import DivPrune, cosine_distances, divprune_select
+from tokenprune.methods._budget import budget_count
+from tokenprune.methods.divprune import CosineDistanceRows, DivPrune, cosine_distances, divprune_select
 
 
 def reference_divprune(features, count):
@@ -46,7 +47,7 @@ def test_hand_case_four_unit_vectors():
     features = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles])[None]
     picks = divprune_select(cosine_distances(features), 3)
     assert picks.tolist() == [[3, 0, 2]]  # 180 (isolated, 1), then 0 (distance 2), then 90 (min(1, 1) = 1)
-    assert DivPrune(budget=3).keep_rows(features).tolist() == [[0, 2, 3]]
+    assert DivPrune().keep_rows(features, 3).tolist() == [[0, 2, 3]]
 
 
 @pytest.mark.parametrize("n_tokens", [2, 3, 5, 7, 9])
@@ -111,18 +112,44 @@ def test_batched_pools_equal_each_pool_alone():
         assert torch.equal(batched[b], divprune_select(cosine_distances(features[b:b + 1]), 9)[0])
 
 
+@pytest.mark.parametrize("block_bytes", [1, 200, None])
+def test_distances_without_the_full_matrix(block_bytes):
+    """The method never builds the N x N matrix (issue 17's memory rule): rows on demand and nearest-neighbour
+    distances in tiles of any size equal ``cosine_distances`` up to rounding, the nearest-neighbour distances are
+    exactly symmetric (mutual nearest neighbours tie exactly), and the picks equal the full matrix's."""
+    features = torch.randn(3, 30, 5, generator=torch.Generator().manual_seed(11))
+    full = cosine_distances(features)
+    lean = CosineDistanceRows(features, block_bytes=block_bytes)
+    everything = torch.arange(30).expand(3, -1)
+    torch.testing.assert_close(lean.rows(everything), full, rtol=0, atol=1e-6)
+    nearest = lean.nearest()
+    torch.testing.assert_close(nearest, full.topk(2, dim=1, largest=False).values[:, 1], rtol=0, atol=1e-6)
+    partner = (full + torch.eye(30) * 10).argmin(dim=1)  # [3, 30]: each token's nearest neighbour
+    mutual = partner.gather(1, partner) == torch.arange(30)
+    assert mutual.any()
+    assert torch.equal(nearest[mutual], nearest.gather(1, partner)[mutual])  # exact ties between mutual neighbours
+    for count in (1, 9, 30):
+        assert torch.equal(divprune_select(lean, count), divprune_select(full, count))
+
+
+def test_duplicates_without_the_full_matrix_never_repeat_an_index():
+    features = torch.randn(1, 24, 4, generator=torch.Generator().manual_seed(12))
+    features[0, 12:] = features[0, :12]  # every token twice
+    picks = divprune_select(CosineDistanceRows(features, block_bytes=64), 24)[0].tolist()
+    assert sorted(picks) == list(range(24))
+
+
 def test_config_counts_and_model_dtype():
-    assert DivPrune().kept_count(576) == 56  # the official round(0.098 * 576)
-    assert DivPrune(budget=0.001).kept_count(36) == 1  # never an empty pool from a fraction
-    assert DivPrune(budget=0).kept_count(36) == 0
+    assert budget_count(576, DivPrune().budget) == 56  # the official round(0.098 * 576)
     features = torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     assert cosine_distances(features, torch.bfloat16).dtype == torch.bfloat16
-    kept = DivPrune(budget=5, sim_dtype="model").keep_rows(features)
+    kept = DivPrune(sim_dtype="model").keep_rows(features, 5)
     assert kept.shape == (1, 5) and torch.equal(kept, kept.sort().values) and kept.unique().numel() == 5
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"budget": 2.0}, r"divprune.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"),
+    ({"budget": 2.0}, r"divprune.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
+    ({"budget": 0}, r"divprune.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
     ({"scope": "image"}, r"divprune.scope must be one of \['sample', 'group'\], got 'image'"),
     ({"sim_dtype": "float16"}, r"divprune.sim_dtype must be one of \['float32', 'model'\]"),
     ({"positions": "original"}, r"divprune.positions must be one of \['auto', 'keep', 'reindex'\]"),

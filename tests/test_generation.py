@@ -5,7 +5,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, stock_logits, tiny_vlm
-from helpers import Replay, forced_choice, forced_generation, prompt_so_far
+from helpers import Replay, batched_inputs, forced_choice, forced_generation, prompt_so_far
 from tokenprune.engine.compat import cache_kwargs, output_cache
 from tokenprune.engine.driver import PruningInputError
 
@@ -123,7 +123,7 @@ def test_padded_batch_is_refused_with_a_clear_error(family):
     samples = [make_sample(16, "what colour is the square ?"), make_sample(17, "how many red objects are in the image ?")]
     first, second = vlm.prepare(samples[0]), vlm.prepare(samples[1])
     assert first["input_ids"].shape[1] != second["input_ids"].shape[1]
-    batch = _batch(vlm, samples)
+    batch = batched_inputs(vlm, samples)
     assert not bool(batch["attention_mask"].all())
     with torch.no_grad(), tp.apply(vlm.model, "fastv"):
         with pytest.raises(PruningInputError, match="padded batches are not supported"):
@@ -133,24 +133,12 @@ def test_padded_batch_is_refused_with_a_clear_error(family):
 def test_unpadded_batch_equals_each_sample_alone(family):
     vlm = tiny_vlm(family)
     samples = [make_sample(18), make_sample(19)]  # same question: equal lengths, no padding
-    batch = _batch(vlm, samples)
+    batch = batched_inputs(vlm, samples)
     assert bool(batch["attention_mask"].all())
     with torch.no_grad(), tp.apply(vlm.model, "fastv", keep_ratio=0.25):
         together = vlm.model(**batch).logits[:, -1]
         alone = torch.cat([vlm.model(**vlm.prepare(s)).logits[:, -1] for s in samples])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
-
-
-def _batch(vlm, samples):
-    from tokenprune.models.images import load_images
-
-    texts = []
-    for sample in samples:
-        content = [{"type": "image"}, {"type": "text", "text": sample.question}]
-        texts.append(vlm.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                       add_generation_prompt=True))
-    images = [load_images(s.images)[0] for s in samples]
-    return dict(vlm.processor(text=texts, images=images, return_tensors="pt", padding=True))
 
 
 def test_text_only_input_passes_through_with_a_warning(family):

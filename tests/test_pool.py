@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import tokenprune as tp
 from conftest import FAMILIES, make_sample, stock_logits, takes_video, tiny_vlm
-from helpers import LayerSpy, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables, stock_decoder_call
-from test_reduction import final_logits, layers_by_hand
+from helpers import (LayerSpy, assert_cached_decoding_equals_recompute, final_logits, forced_generation, layers_by_hand,
+                     rotary_tables, stock_decoder_call)
 from tokenprune.engine.contract import DecoderInput
 from tokenprune.methods._budget import budget_fraction
 from tokenprune.methods.base import ModelInfo

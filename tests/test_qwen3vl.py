@@ -208,7 +208,8 @@ def test_every_method_runs_on_a_real_mp4_with_timestamps(mp4, name):
     vlm = tiny_vlm(NAME)
     inputs = prepare_video(vlm, mp4)
     fields = {"prunevid": {"stage2_layer": 2}, "pdrop": {"layers": [1, 2, 3]}, "himap": {"image_layer": 4},
-              "layerskip": {"mlp": [2, 3], "attn": [3]}}.get(name, {})
+              "layerskip": {"mlp": [2, 3], "attn": [3]},
+              "vispruner": {"budget": 32}}.get(name, {})  # its default 64 tokens would keep this video's 64
     with torch.no_grad(), tp.apply(vlm.model, name, **fields) as session:
         out = vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2

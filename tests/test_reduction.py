@@ -13,7 +13,7 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, tiny_vlm
-from helpers import forced_choice, forced_generation, prompt_so_far, stock_decoder_call
+from helpers import final_logits, forced_choice, forced_generation, layers_by_hand, prompt_so_far, stock_decoder_call
 from tokenprune.engine.contract import (IMAGE, TEXT, DecoderInput, MergedRows, Reduction, TokenLayout, VisualGroup)
 from tokenprune.methods.base import Method
 
@@ -152,70 +152,6 @@ def merged_positions(positions: torch.Tensor, origins: list, rule: str = "mean")
         return torch.tensor([[int(p[origin[member]]) for origin in origins] for p in positions])
     return torch.tensor([[round(sum(int(p[i]) for i in origin) / len(origin)) for origin in origins]
                          for p in positions])
-
-
-def layers_by_hand(vlm, hidden, positions, side: dict, layers: range) -> torch.Tensor:
-    """The stock decoder layers ``layers`` on ``hidden`` ``[1, L, d]`` (SDPA's own causal rule: no mask), with the
-    model's own rotary tables of ``positions`` ``[1, P, L]`` and the side inputs added at their layers' inputs."""
-    text_model = vlm.adapter.text_model(vlm.model)
-    stock_positions = positions[:, 0] if positions.shape[1] == 1 else positions.permute(1, 0, 2)
-    tables = text_model.rotary_emb(hidden, stock_positions)
-    for index in layers:
-        if index in side:
-            hidden = hidden + side[index]
-        hidden = text_model.layers[index](hidden, attention_mask=None, position_embeddings=tables)
-    return hidden
-
-
-def final_logits(vlm, hidden) -> torch.Tensor:
-    """Logits of every row ``[L, V]``."""
-    return vlm.model.lm_head(vlm.adapter.text_model(vlm.model).norm(hidden))[0]
-
-
-def reduction_by_hand(x: torch.Tensor, record: dict, merged_values: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` ``[L, ...]`` → the rows a reduction recorded by ``helpers.Frozen`` (on rows that are still the original
-    ones) leaves, by its stated rule: kept rows in order; merged row m = Σ weights · x[sources] (float64), or
-    ``merged_values[m]``, placed just before row ``anchor[m]`` (-1: at the end), equal anchors in m order."""
-    merged, before = record["merged"], {}
-    if merged is not None:
-        for m in range(int(merged["into"].max()) + 1):
-            members = merged["into"] == m
-            if merged_values is not None:
-                value = merged_values[m]
-            else:
-                value = sum(float(w) * x[int(s)].double() for w, s in zip(merged["weights"][members],
-                                                                          merged["sources"][members])).to(x.dtype)
-            before.setdefault(int(merged["anchor"][m]), []).append(value)
-    kept = set(record["keep"].tolist())
-    rows = []
-    for r in range(x.shape[0]):
-        rows += before.get(r, [])
-        if r in kept:
-            rows.append(x[r])
-    return torch.stack(rows + before.get(-1, []))
-
-
-def logits_after_a_reduction_by_hand(vlm, inputs, layer: int, record: dict) -> torch.Tensor:
-    """Final logits ``[L', V]`` of the stock decoder layers run by hand around one reduction at ``layer``'s input
-    (``record``: ``helpers.Frozen.recorded[layer]``, the first reduction of the prefill): the layers before it on the
-    whole prompt with their side inputs, the side input of ``layer``, then the reduction by hand on the hidden rows,
-    on the later layers' side inputs (same members and weights) and on the positions (re-numbered contiguously,
-    or kept rows' own and merged rows' recorded ``[P, M]`` positions), then the remaining layers."""
-    call = stock_decoder_call(vlm, inputs)
-    layers = len(vlm.adapter.layers(vlm.model))
-    hidden = layers_by_hand(vlm, call["embeds"], call["positions"], call["side"], range(layer))
-    if layer in call["side"]:
-        hidden = hidden + call["side"][layer]
-    hidden = reduction_by_hand(hidden[0], record)
-    side = {k: reduction_by_hand(values[0], record)[None] for k, values in call["side"].items() if k > layer}
-    positions = call["positions"][0]  # [P, L]
-    if record["reindex"]:
-        positions = torch.arange(hidden.shape[0])[None].expand(positions.shape[0], -1)
-    else:
-        merged = record["merged"]
-        given = None if merged is None else merged["positions"].T  # [M, P]
-        positions = reduction_by_hand(positions.T, record, given).T
-    return final_logits(vlm, layers_by_hand(vlm, hidden[None], positions[None], side, range(layer, layers)))
 
 
 def pairs_and_keep(layout: TokenLayout) -> tuple[list[tuple[int, int]], list[int]]:

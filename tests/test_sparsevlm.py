@@ -16,10 +16,9 @@ import torch
 
 import tokenprune as tp
 from conftest import make_sample, sharp_tiny_vlm, stock_logits, tiny_vlm
-from helpers import (Frozen, LayerSpy, assert_cached_decoding_equals_recompute, forced_generation, rotary_tables,
-                     stock_decoder_call)
+from helpers import (Frozen, LayerSpy, assert_cached_decoding_equals_recompute, forced_generation,
+                     logits_after_a_reduction_by_hand, rotary_tables, stock_decoder_call)
 from test_dpc_knn import reference_dpc_knn
-from test_reduction import logits_after_a_reduction_by_hand
 from tokenprune.engine.compat import output_cache
 from tokenprune.methods.base import ModelInfo, resolve_positions
 from tokenprune.methods.sparsevlm import (OFFICIAL_COUNTS, OFFICIAL_POSITIONS, SparseVLM, fixed_keep,

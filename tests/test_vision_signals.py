@@ -20,6 +20,8 @@ import tokenprune.models.vision_signals as signals_module
 from conftest import hook_snapshot, make_image, make_sample
 from tokenprune.methods.vispruner import vispruner_select
 from tokenprune.models.vision_signals import VisionTrace, clip_signal_layer
+from tokenprune.models.qwen2vl import Qwen2VLAdapter, tiny_qwen2vl_config
+from tokenprune.models.qwen3vl import Qwen3VLAdapter, tiny_qwen3vl_config
 from tokenprune.models.zoo.tiny import (tiny_llava_config, tiny_llava_processor, tiny_qwen25vl_config,
                                         tiny_qwen25vl_processor)
 
@@ -32,7 +34,19 @@ BUILDERS = {
     "tiny_llava": (lambda: tiny_llava_config(layers=1, vision_layers=3), tiny_llava_processor, "llava"),
     # three ViT blocks, the last one full attention, windows of 2 x 2 LLM tokens
     "tiny_qwen25vl": (lambda: tiny_qwen25vl_config(layers=1, vision_depth=3), tiny_qwen25vl_processor, "qwen25vl"),
+    # Qwen2-VL: a plain ViT (every block full attention per temporal step, no window permutation)
+    "tiny_qwen2vl": (lambda: tiny_qwen2vl_config(layers=1, vision_depth=3), lambda: Qwen2VLAdapter().tiny_processor(),
+                     "qwen2vl"),
+    # Qwen3-VL: a plain ViT like Qwen2-VL's (LayerNorm, learned + 2-D RoPE positions), DeepStack from every block
+    # (four decoder layers: more than the three DeepStack features)
+    "tiny_qwen3vl": (lambda: tiny_qwen3vl_config(layers=4, vision_depth=3), lambda: Qwen3VLAdapter().tiny_processor(),
+                     "qwen3vl"),
 }
+QWEN = [(name, family) for name, (_, _, family) in BUILDERS.items() if family != "llava"]
+
+
+def test_every_registered_family_is_compared_with_brute_force():
+    assert sorted(family for _, _, family in BUILDERS.values()) == sorted(a.family for a in tp.models.adapters())
 
 
 @lru_cache(maxsize=None)
@@ -129,7 +143,8 @@ def test_llava_projected_features_are_the_decoder_image_embeddings():
 # ---------------------------------------------------------------------------------------------------------
 def qwen_reference(vlm, pixel_values, grid_thw):
     """Brute force on the eager twin: per LLM token, received attention (head mean, summed over the segment's
-    query rows, averaged over its 4 patches) and head-mean RoPE'd keys, placed by the patches' coordinates."""
+    query rows, averaged over its 4 patches) and head-mean RoPE'd keys, placed by the patches' coordinates (the
+    window permutation applied to them where the ViT has windows)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
@@ -166,9 +181,11 @@ def qwen_reference(vlm, pixel_values, grid_thw):
     frames = torch.cat([torch.arange(t).repeat_interleave(h * w) for t, h, w in grid_thw.tolist()])
     item = torch.cat([torch.full((t * h * w,), i) for i, (t, h, w) in enumerate(grid_thw.tolist())])
     coordinates = torch.stack([item, frames, position[:, 0], position[:, 1]], dim=-1).float()
-    window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
-                                              visual.patch_size)
-    coordinates = visual.permute_input_for_window_attn(coordinates, window_index, length).long()
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: the stock ViT's own window permutation
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        coordinates = visual.permute_input_for_window_attn(coordinates, window_index, length)
+    coordinates = coordinates.long()
     # LLM token index: items in order, frames in order, then raster order of the merged grid
     offsets, starts = [], 0
     for t, h, w in grid_thw.tolist():
@@ -191,10 +208,11 @@ def random_grids(seed: int = 0):
     return torch.randn(patches, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed)), grid_thw
 
 
-def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order():
-    sdpa, eager = twins("tiny_qwen25vl")
+@pytest.mark.parametrize("name,family", QWEN)
+def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order(name, family):
+    sdpa, eager = twins(name)
     pixel_values, grid_thw = random_grids()
-    with VisionTrace(sdpa.model, "qwen25vl") as trace, torch.no_grad():
+    with VisionTrace(sdpa.model, family) as trace, torch.no_grad():
         sdpa.model.model.visual(pixel_values, grid_thw=grid_thw)
     groups = trace.groups()
     assert [g.source for g in groups] == [signals_module.GroupSource(0, 0, 0), signals_module.GroupSource(0, 0, 1),
@@ -207,9 +225,10 @@ def test_qwen_merge_unit_scores_and_keys_equal_brute_force_in_raster_order():
     assert [round(float(g.scores.sum()), 3) for g in groups] == [24.0, 24.0, 8.0]
 
 
-def test_qwen_trace_through_the_model_equals_brute_force_on_the_processed_image():
-    sdpa, eager = twins("tiny_qwen25vl")
-    trace, inputs = trace_forward(sdpa, two_images(), "qwen25vl")
+@pytest.mark.parametrize("name,family", QWEN)
+def test_qwen_trace_through_the_model_equals_brute_force_on_the_processed_image(name, family):
+    sdpa, eager = twins(name)
+    trace, inputs = trace_forward(sdpa, two_images(), family)
     scores, keys = qwen_reference(eager, inputs["pixel_values"], inputs["image_grid_thw"])
     groups = trace.groups()
     assert len(groups) == 2
@@ -231,7 +250,7 @@ def test_chunked_scores_equal_one_block():
 # ---------------------------------------------------------------------------------------------------------
 # The trace itself
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("name,family", [(name, family) for name, (_, _, family) in BUILDERS.items()])
 def test_trace_is_lazy_changes_nothing_and_removes_its_hooks(name, family, monkeypatch):
     vlm = build(name, "sdpa")
     inputs = vlm.prepare(make_sample(2))
@@ -258,7 +277,7 @@ def test_trace_is_lazy_changes_nothing_and_removes_its_hooks(name, family, monke
     assert hook_snapshot(vlm.model) == before
 
 
-@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("name,family", [(name, family) for name, (_, _, family) in BUILDERS.items()])
 def test_generate_encodes_the_images_once_before_its_first_forward_and_the_trace_sees_it(name, family):
     """transformers 5 ``generate`` runs the vision encoder itself (``mm_encoder_outputs``), before the first forward:
     a trace around ``generate`` gets one encoder call with the same signals as around a plain forward."""
@@ -273,7 +292,7 @@ def test_generate_encodes_the_images_once_before_its_first_forward_and_the_trace
 
 
 def test_unknown_family_and_full_strategy_are_refused():
-    with pytest.raises(ValueError, match="no vision signals for model family 'nope'; available: llava, qwen25vl"):
+    with pytest.raises(ValueError, match="unknown model family .nope."):
         VisionTrace(None, "nope")
     vlm = build("tiny_llava", "sdpa")
     config = vlm.model.config
@@ -287,7 +306,7 @@ def test_unknown_family_and_full_strategy_are_refused():
         config.vision_feature_select_strategy = previous
 
 
-@pytest.mark.parametrize("name,family", [("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("name,family", [(name, family) for name, (_, _, family) in BUILDERS.items()])
 def test_vispruner_important_set_is_the_top_of_the_brute_force_scores(name, family):
     """VisPruner card test 4: the important set equals the top-int(T r) of eager CLS attention / brute-force sums."""
     sdpa, eager = twins(name)
@@ -309,7 +328,7 @@ def test_vispruner_important_set_is_the_top_of_the_brute_force_scores(name, fami
 
 
 def check_device(device: str):
-    for name, family in (("tiny_llava", "llava"), ("tiny_qwen25vl", "qwen25vl")):
+    for name, (_, _, family) in BUILDERS.items():
         vlm = build(name, "sdpa")
         inputs = vlm.prepare(two_images(3))
         with VisionTrace(vlm.model, family) as trace, torch.no_grad():

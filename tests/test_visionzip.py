@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tokenprune.methods.common import budget_count
+from tokenprune.methods._budget import budget_count
 from tokenprune.methods.visionzip import VisionZip, visionzip_merge, visionzip_plan, visionzip_weights
 
 
@@ -200,7 +200,8 @@ def test_float16_values_merge_in_float32():
                                              (1, (True, 0, 0)), (4, (True, 2, 1)), (576, (False, 576, 0)),
                                              (1000, (False, 576, 0)), (1.0, (False, 576, 0))])
 def test_budget_counts_on_llava(budget, expected):
-    assert VisionZip(budget=budget).counts(576, has_cls=True) == expected
+    """One image: the group's share is the sample's count."""
+    assert VisionZip(budget=budget).counts(576, has_cls=True, share=budget_count(576, budget)) == expected
 
 
 def test_official_counts():
@@ -209,26 +210,36 @@ def test_official_counts():
     assert VisionZip(include_cls=False).counts(576, True) == (False, 54, 10)
     qwen = VisionZip(dominant_ratio=0.65, contextual_ratio=0.05)  # the official Qwen2.5-VL port
     assert qwen.counts(1296, has_cls=False) == (False, 842, 64)  # int(842.4), int(64.8)
+    assert VisionZip().counts(1296, has_cls=False) == (False, 842, 64)  # the default without a CLS token
     assert qwen.counts(10, has_cls=False) == (False, 6, 1)  # C = max(int(0.5), 1)
-    assert VisionZip(include_cls=False, dominant=576).counts(576, True) == (False, 576, 0)  # the identity
+    assert VisionZip(include_cls=False, dominant=576, contextual=10).counts(576, True) == (False, 576, 0)  # identity
+    assert VisionZip(dominant=577, contextual=10).counts(576, True) == (False, 576, 0)  # no CLS beyond all tokens
+    assert VisionZip().counts(36, True) == (False, 36, 0)  # 54 + 10 keep every token of a 36-token image
     assert VisionZip(dominant_ratio=1.0, contextual_ratio=0.05).counts(36, False) == (False, 36, 0)
     assert VisionZip(dominant=0, contextual=4).counts(576, True) == (False, 0, 4)
+    with pytest.raises(ValueError, match="needs the group's share"):
+        VisionZip(budget=64).counts(576, True)
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 7, 64, 100, 575, 0.05, 0.3, 0.999])
 @pytest.mark.parametrize("has_cls", [True, False])
 def test_a_budget_is_the_number_of_tokens_the_decoder_sees(budget, has_cls):
-    emit_cls, dominant, contextual = VisionZip(budget=budget).counts(576, has_cls)
-    assert int(emit_cls) + dominant + contextual == budget_count(budget, 576)
+    share = budget_count(576, budget)
+    emit_cls, dominant, contextual = VisionZip(budget=budget).counts(576, has_cls, share)
+    assert int(emit_cls) + dominant + contextual == share
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"dominant": -1}, "visionzip.dominant must be an integer >= 0, got -1"),
-    ({"contextual": 2.5}, "visionzip.contextual must be an integer >= 0, got 2.5"),
+    ({"dominant": -1, "contextual": 10}, "visionzip.dominant must be an integer >= 0 or null, got -1"),
+    ({"dominant": 54, "contextual": 2.5}, "visionzip.contextual must be an integer >= 0 or null, got 2.5"),
+    ({"dominant": 54}, "set dominant and contextual together"),
     ({"dominant_ratio": 0.65}, "set dominant_ratio and contextual_ratio together"),
     ({"dominant_ratio": 1.5, "contextual_ratio": 0.05}, r"visionzip.dominant_ratio must be a number in \(0, 1\]"),
-    ({"dominant_ratio": 0.6, "contextual_ratio": 0.05, "budget": 64}, "give budget or dominant_ratio"),
-    ({"budget": 0.0}, r"visionzip.budget must be an integer >= 0 \(tokens per pool\) or a float in \(0, 1\]"),
+    ({"dominant_ratio": 0.6, "contextual_ratio": 0.05, "budget": 64},
+     "give one of budget, dominant/contextual or dominant_ratio/contextual_ratio"),
+    ({"dominant": 54, "contextual": 10, "budget": 64}, r"\(got budget=64, dominant=54\)"),
+    ({"budget": 0.0}, r"visionzip.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
+    ({"budget": 0}, r"visionzip.budget must be an integer >= 1 \(tokens\), a float in \(0, 1\]"),
     ({"include_cls": 1}, "visionzip.include_cls must be true or false"),
     ({"merge": "sum"}, r"visionzip.merge must be one of \['official', 'mean'\], got 'sum'"),
     ({"positions": "repack"}, r"visionzip.positions must be one of \['auto', 'keep', 'reindex'\]"),

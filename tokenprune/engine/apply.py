@@ -32,13 +32,14 @@ class Session:
 
 
 @contextmanager
-def apply(model, method):
+def apply(model, method, questions: list[str] | None = None):
     """Apply ``method`` (a ``tokenprune.methods.Method``) inside ``model``'s text decoder.
 
     ``model``: a stock model of a registered family, or a loaded ``VLM`` (its ``.model``). A method that needs no
     hook (``baseline``) installs nothing: the stock forward runs. Otherwise the driver's hooks are installed and
     removed on exit, also when the block raises. The method's fields are checked against the model (layer
-    indices, capabilities) before any model work.
+    indices, capabilities) before any model work. ``questions``: the question text of each sample of the calls
+    made in the block (one per batch row), for methods that condition on the raw question (``DecoderInput.question``).
     """
     import torch
 
@@ -48,12 +49,14 @@ def apply(model, method):
     method.validate(family.model_info(model))
     if getattr(model, INSTALLED_ATTRIBUTE, None) is not None:
         raise RuntimeError("a tokenprune method is already applied to this model; nest Compose([...]) instead")
+    if questions is not None and (isinstance(questions, str) or not all(isinstance(q, str) for q in questions)):
+        raise TypeError(f"apply(questions=...) takes a list of strings (one per sample), got {questions!r}")
     vision_hook = _resized_vision_call(family, model) if method.uses_before_processor else None
     try:
         if method.is_noop:
             yield Session(method, None)
             return
-        driver = Driver(model, family, method)
+        driver = Driver(model, family, method, None if questions is None else list(questions))
         setattr(model, INSTALLED_ATTRIBUTE, driver)
         try:
             driver.install()

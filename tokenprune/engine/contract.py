@@ -5,7 +5,8 @@ This module is a leaf: it imports nothing else of tokenprune (``tests/test_layer
 
 * ``TokenLayout`` (with ``VisualGroup`` / ``VisualSpec``): where the system, visual (per image / video frame, with
   its grid) and text rows of one sample's current sequence are, and which prompt row each came from.
-* ``DecoderInput``: the sequence entering the first decoder layer, for ``before_llm`` (one sample).
+* ``DecoderInput``: the sequence entering the first decoder layer, for ``before_llm`` (one sample), with lazy
+  vision-encoder signals (``VisionSignals`` / ``GroupSignals``) for the methods that ask for them.
 * ``PrefillStep``: what ``select`` sees at the input of one decoder layer during a prefill (one sample), with lazy
   attention scores.
 * ``Reduction``: what ``before_llm`` and ``select`` return — the rows to keep plus optional merged rows
@@ -297,8 +298,9 @@ class MergedRows:
       * ``into`` ``[E]`` int64: the merged row (0..M-1) it belongs to; every merged row has at least one member;
       * ``weights`` ``[E]`` float: its weight. Per-row side inputs (features a family adds between layers) are merged
         with exactly these weights: ``side[m] = Σ_e weights[e] · side[sources[e]]`` over ``into[e] == m``.
-    Values: ``values`` ``[M, d]`` when the method computed the merged embeddings / hidden states itself (they must
-    equal ``Σ weights · rows`` up to rounding); None: the engine computes ``Σ weights · rows``.
+    Values: ``values`` ``[M, d]`` when the method computed the merged embeddings / hidden states itself (e.g. by
+    value: a merge of pre-projector features pushed through a nonlinear projector); None: the engine computes
+    ``Σ weights · rows``. The weights always define the members (layout entries) and the side inputs.
     Place: merged row m goes just before current row ``anchor[m]`` (``L``: at the end), after every kept row below
     it; merged rows with equal anchors keep their order here. ``anchor`` ``[M]`` int64.
     Positions (``positions``):
@@ -536,6 +538,72 @@ class LayerPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Vision-encoder signals (pre-LLM methods)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupSource:
+    """Where an encoder group came from: the ``call``-th vision-encoder call of the prefill, its ``item``-th image /
+    grid, ``frame``-th temporal step (0 for images)."""
+
+    call: int
+    item: int
+    frame: int
+
+
+@dataclass
+class GroupSignals:
+    """What the vision encoder computed for one visual group of ``n`` LLM tokens, in the group's cell order.
+
+    ``scores`` ``[n]`` float32: attention each token gets inside the encoder (the CLS row at the feature layer on
+    encoders with a CLS token; attention received, summed over the group's query rows, on encoders without one);
+    ``keys`` ``[n, head_dim]`` float32: that layer's keys averaged over heads; on encoders that emit pre-projector
+    features: ``features`` ``[n, D]`` (the projector's input), ``cls_feature`` ``[D]``, ``cls_key`` ``[head_dim]``.
+    The family file states exactly which layer and reduction (``models/vision_signals.py``).
+    """
+
+    source: GroupSource
+    scores: torch.Tensor
+    keys: torch.Tensor
+    features: torch.Tensor | None = None
+    cls_feature: torch.Tensor | None = None
+    cls_key: torch.Tensor | None = None
+
+
+class VisionSignals:
+    """Lazy vision-encoder signals of one sample, one ``GroupSignals`` per visual group of its layout.
+
+    Nothing is computed until a method asks (``group``); then the family's computation runs once for the whole
+    prefill, from the encoder layer's own projections (never eager attention maps). ``has_cls``: the encoder emits
+    a CLS token (its feature and key are in ``GroupSignals``). ``project(features)``: the family's projector
+    (pre-projector features ``[..., D]`` → LLM embeddings ``[..., d]``), ``post_norm(features)``: the encoder's
+    final norm; both raise ValueError where the family has none.
+    """
+
+    def __init__(self, groups: Callable[[], list[GroupSignals]], has_cls: bool,
+                 project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None, family: str = ""):
+        self._groups = groups
+        self.has_cls = has_cls
+        self._project = project
+        self._post_norm = post_norm
+        self.family = family
+
+    def group(self, index: int) -> GroupSignals:
+        """The signals of ``layout.groups[index]`` (its ``size`` tokens in cell order)."""
+        return self._groups()[index]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        if self._project is None:
+            raise ValueError(f"the {self.family} family has no projector of pre-projector features")
+        return self._project(features)
+
+    def post_norm(self, features: torch.Tensor) -> torch.Tensor:
+        if self._post_norm is None:
+            raise ValueError(f"the {self.family} family exposes no final encoder norm")
+        return self._post_norm(features)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # What hooks see
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
@@ -546,7 +614,9 @@ class DecoderInput:
     rotary positions); ``layout``: the sample's TokenLayout; ``side``: per-row side inputs ``{layer: [1, L, d]}`` that the
     engine adds to the input of ``layer`` (zero rows where a row has none; read-only, the engine merges them with
     a reduction's weights); ``stats``: numbers the method reports (segments, ...); ``model``: the model's
-    ``ModelInfo`` (capabilities such as ``reindex_positions``).
+    ``ModelInfo`` (capabilities such as ``reindex_positions``); ``vision``: the vision encoder's signals for this
+    sample (``VisionSignals``), only for a method whose ``needs_vision_signals`` is true (else None);
+    ``question``: the sample's question text when the caller gave it (``apply(..., questions=[...])``), else None.
     ``before_llm`` returns a ``Reduction`` of this sequence (or None: unchanged).
     """
 
@@ -556,6 +626,8 @@ class DecoderInput:
     stats: dict = field(default_factory=dict)
     side: dict = field(default_factory=dict)
     model: ModelInfo | None = None
+    vision: VisionSignals | None = None
+    question: str | None = None
 
     def reduced(self, reduction: "Reduction | None") -> "DecoderInput":
         """This sequence after ``reduction`` (what the engine hands the decoder; for inspection and tests)."""
@@ -563,7 +635,8 @@ class DecoderInput:
             return self
         side = {layer: reduction.rows(values[0], 0)[None] for layer, values in self.side.items()}
         return DecoderInput(reduction.hidden(self.embeds[0])[None], reduction.positions(self.positions[0])[None],
-                            reduction.layout(self.layout), stats=self.stats, side=side, model=self.model)
+                            reduction.layout(self.layout), stats=self.stats, side=side, model=self.model,
+                            vision=self.vision, question=self.question)
 
 
 VisualSequence = DecoderInput  # the first engine's name (it always held the text rows too)

@@ -44,6 +44,7 @@ from .report import OverheadTimer, PrefillReport
 from .scores import attention_probabilities, project_keys, project_queries
 from .sequence import PrefillSequence
 from .sublayers import run_layer_without_attention, run_planned_layer
+from .vision import SignalCapture
 
 STATE_ATTRIBUTE = "_tokenprune_state"
 # Smallest score block (bytes). Small enough that scoring stays within a small model's own prefill peak (the
@@ -105,10 +106,17 @@ def selectors_at(method, layer: int, layout) -> list:
 class Driver:
     """Installs the hooks that apply ``method`` inside ``model``'s text decoder (see ``tokenprune.apply``)."""
 
-    def __init__(self, model, family: FamilySpec, method):
+    def __init__(self, model, family: FamilySpec, method, questions: list[str] | None = None):
         self.model = model
         self.family = family
         self.method = method
+        self.info = family.model_info(model)
+        self.questions = questions
+        # the family's vision-encoder capture, only for a method that reads vision signals (refused clearly here,
+        # before any model work, on a family that has none)
+        needs_signals = any(getattr(part, "needs_vision_signals", False) for part in reducers_before_llm(method))
+        self.signals = (SignalCapture(model, family.vision_signal_source(model), MIN_SCORE_CHUNK_BYTES) if needs_signals
+                        else None)
         self.outer = family.outer_model(model)
         self.text_model = family.text_model(model)
         self.layers = family.layers(model)
@@ -125,6 +133,8 @@ class Driver:
 
     # -- installation -----------------------------------------------------------------------------------
     def install(self) -> None:
+        if self.signals is not None:
+            self.signals.install()
         self._handles.append(self.outer.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
         self._handles.append(self.outer.register_forward_hook(self._release_inputs))
         self._handles.append(self.text_model.register_forward_pre_hook(self._begin_call, with_kwargs=True))
@@ -139,6 +149,8 @@ class Driver:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.signals is not None:
+            self.signals.remove()
         for layer in self._wrapped_forwards:
             del layer.forward  # drop the instance attribute: the class forward is back
         self._wrapped_forwards.clear()
@@ -164,6 +176,8 @@ class Driver:
     def _capture_inputs(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._captured = {"input_ids": input_ids, **{key: kwargs.get(key) for key in self.family.capture_keys}}
+        if self.signals is not None and self.signals.encodes(kwargs):
+            self.signals.clear()  # this call encodes its pixels itself: earlier captures belong to no prefill of it
         return None
 
     def _release_inputs(self, module, args, output):
@@ -198,6 +212,10 @@ class Driver:
                                                 pre_llm_timer=OverheadTimer(embeds.device)))
         if call.cache is not None:
             setattr(call.cache, STATE_ATTRIBUTE, call.decode)
+        vision = [None] * batch
+        if self.signals is not None:  # this prefill's encoder captures, consumed here (computed only if asked)
+            vision = self.signals.for_samples(seq.layouts)
+            self.signals.clear()
         if all(layout.num_visual == 0 for layout in seq.layouts):
             # nothing to prune; the layers still report (a layer plan acting on text rows too, as the seed's
             # layer skip does, runs and is counted)
@@ -208,7 +226,7 @@ class Driver:
         if self.changes_rows:
             _refuse_padding(kwargs.get("attention_mask"), batch)
         for reducer in reducers_before_llm(self.method):
-            self._before_llm(call, reducer)
+            self._before_llm(call, reducer, vision)
         if call.seq.changed:
             self._hand_over_to_stock_loop(call.seq, kwargs)
         call.decoder_input = (call.seq.hidden, call.seq.positions, call.seq.layouts)
@@ -231,14 +249,18 @@ class Driver:
                                     "Use the default cache (no cache_implementation / static cache).")
         return cache
 
-    def _before_llm(self, call: PrefillCall, reducer) -> None:
+    def _before_llm(self, call: PrefillCall, reducer, vision: list) -> None:
         seq = call.seq
         with call.report.timer, call.report.pre_llm_timer:
             reductions = []
             for b, layout in enumerate(seq.layouts):
+                if self.questions is not None and len(self.questions) != len(seq.layouts):
+                    raise PruningInputError(f"apply(questions=...) has {len(self.questions)} questions for a batch of "
+                                            f"{len(seq.layouts)} samples")
+                question = self.questions[b] if self.questions is not None else None
                 sample = DecoderInput(seq.hidden[b : b + 1], seq.positions[b : b + 1], layout, call.report.stats,
                                       side={layer: values[b : b + 1] for layer, values in seq.side.items()},
-                                      model=self.info)
+                                      model=self.info, vision=vision[b], question=question)
                 reduction = reducer.before_llm(sample) if layout.num_visual else None
                 if reduction is not None:
                     reduction.check(layout.length, f"{reducer.name}.before_llm", "before the decoder")

@@ -14,7 +14,8 @@ what differs (``docs/adding_a_model_family.md``):
   ``after_shortened_prefill`` (e.g. ``rope_deltas``), ``reindex_positions`` (capability);
 * attention math (``attention_math``) used by scores and partial layers;
 * side inputs (``side_inputs``): per-row tensors the stock loop adds between layers, taken over by the engine;
-* FLOPs shape (``decoder_shape``), and ``model_info`` for method validation.
+* FLOPs shape (``decoder_shape``), and ``model_info`` for method validation;
+* vision-encoder signals for pre-LLM methods (``vision_signal_source``; default: none, refused clearly).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from .attention import AttentionMath
 from .contract import ModelInfo, PruningInputError, TokenLayout, VisualSpec
 from .flops import DecoderShape
+from .vision import SignalSource
 
 
 class FamilySpec(ABC):
@@ -114,6 +116,13 @@ class FamilySpec(ABC):
         ``{layer: [B, L, d]}`` added by the engine to the input of ``layer`` (zero rows where a row has none), before
         any scoring there; they follow every gather and merge. Default: none."""
         return {}
+
+    def vision_signal_source(self, model) -> SignalSource:
+        """The capture hooks and computation of the vision encoder's signals (``engine/vision.py``), for methods that
+        rank or merge by them (VisionZip, VisPruner, ...). Default: the family has none."""
+        raise ValueError(f"vision signals not available for family {self.family!r}: a method that ranks tokens by the "
+                         "vision encoder's attention cannot run on it (its family file must provide "
+                         "vision_signal_source)")
 
     def decoder_shape(self, text_config) -> DecoderShape:
         return DecoderShape.from_config(text_config)

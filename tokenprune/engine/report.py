@@ -61,8 +61,8 @@ class PrefillReport:
     layer_plans: dict[int, LayerPlan] = field(default_factory=dict)  # layer -> plan that ran (identity plans omitted)
     plan_layouts: dict[int, TokenLayout] = field(default_factory=dict)  # layer -> layout its plan ran on
     stats: dict = field(default_factory=dict)  # method-reported numbers (segments, static fraction, ...)
-    timer: OverheadTimer | None = None  # every method hook (scoring + selection)
-    pre_llm_timer: OverheadTimer | None = None  # the before_llm hooks only (a part of timer's time)
+    timer: OverheadTimer | None = None  # every method hook (before_llm and select)
+    pre_llm_timer: OverheadTimer | None = None  # the before_llm hooks alone (vision signals included)
 
     def record_layer(self, index: int, layout: TokenLayout, tokens: int, plan: LayerPlan | None) -> None:
         """Count what enters layer ``index`` (called once per layer, in order)."""
@@ -86,11 +86,12 @@ class PrefillReport:
 
     @property
     def overhead_ms(self) -> float:
+        """Time in every method hook: scoring, selection, merging (pre-LLM and inside the decoder)."""
         return self.timer.milliseconds if self.timer is not None else 0.0
 
     @property
     def pre_llm_ms(self) -> float:
-        """Time in the ``before_llm`` hooks (reductions before the decoder), included in ``overhead_ms``."""
+        """The part of ``overhead_ms`` spent before the decoder (``before_llm``, vision signals included)."""
         return self.pre_llm_timer.milliseconds if self.pre_llm_timer is not None else 0.0
 
     def flops(self, shape: DecoderShape) -> float:

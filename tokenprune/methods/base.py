@@ -36,6 +36,9 @@ class Method:
     """Base class: every hook is optional. Subclasses are dataclasses registered with ``@register``."""
 
     name: str = "method"
+    # before_llm reads the vision encoder's signals (``DecoderInput.vision``): the engine installs the family's capture
+    # hooks only then (a class attribute, or a property where it depends on the fields)
+    needs_vision_signals: bool = False
 
     # -- hooks ------------------------------------------------------------------------------------------
     def before_llm(self, seq: DecoderInput) -> Reduction | None:
@@ -247,6 +250,10 @@ class Compose(Method):
     @property
     def uses_before_processor(self) -> bool:
         return any(m.uses_before_processor for m in self.methods)
+
+    @property
+    def needs_vision_signals(self) -> bool:
+        return any(m.needs_vision_signals for m in self.methods)
 
     def validate(self, model: ModelInfo) -> None:
         for method in self.methods:

@@ -1,71 +1,60 @@
-"""What the reduction methods of issue 18 share (VisionZip, VisPruner, DivPrune, CDPruner, ...): the budget and
-positions conventions of their fields, and row normalisation for cosine similarities.
-
-**Budget.** ``budget`` is the retained-token setting every such method understands, so that methods compare at
-equal token counts. It counts the visual tokens the decoder receives for one *pool* (by default one visual
-group: an image, a LLaVA crop, a Qwen temporal step of two frames), every emitted token included (a CLS token
-or a merged token counts as one):
-
-* an ``int`` ``k >= 0``: keep ``min(k, N)`` tokens of a pool of ``N`` (LLaVA-1.5: 192 / 128 / 64 of 576);
-* a ``float`` ``f`` in ``(0, 1]``: keep ``max(1, round(N * f))`` (Python ``round``, half to even; a positive
-  fraction never empties a pool), at most ``N``.
-
-As scikit-learn's ``test_size``: the type says which (``64`` tokens, ``0.25`` of them; ``1`` token, ``1.0`` all).
-A budget that keeps every token of a pool leaves the pool exactly as it was (no selection, no merging).
-
-**Positions.** ``positions``: ``auto`` (the official behaviour: contiguous re-packing on 1-D RoPE, where every
-official LLaVA implementation re-packs; original positions on mRoPE), ``keep`` (original positions gathered),
-``reindex`` (contiguous from the first pruned row; 1-D RoPE only).
+"""What the pre-LLM reduction methods of issue 18 share (VisionZip, VisPruner, DivPrune, CDPruner, ...): per-group
+rows and counts under the ``budget`` convention (``_budget.py``), the reduction that keeps chosen visual rows, and
+row normalisation for cosine similarities.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-POSITIONS = ("auto", "keep", "reindex")
-
-
-def check_budget(method: str, field_name: str, value, allow_none: bool = False) -> None:
-    """``value`` must be an int >= 0 (tokens per pool) or a float in (0, 1] (fraction); None if allowed."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value >= 0:
-            return
-    elif isinstance(value, float) and math.isfinite(value) and 0 < value <= 1:
-        return
-    allowed = "an integer >= 0 (tokens per pool) or a float in (0, 1] (fraction of the pool)"
-    raise ValueError(f"{method}.{field_name} must be {allowed}{' or null' if allow_none else ''}, got {value!r}")
-
-
-def budget_count(budget: int | float, num_tokens: int) -> int:
-    """Tokens kept of a pool of ``num_tokens`` at ``budget`` (see the module docstring)."""
-    if isinstance(budget, float):
-        count = max(1, round(num_tokens * budget))
-    else:
-        count = budget
-    return max(0, min(num_tokens, int(count)))
-
-
-def check_positions(method: str, value) -> None:
-    if value not in POSITIONS:
-        raise ValueError(f"{method}.positions must be one of {list(POSITIONS)}, got {value!r}")
-
-
-def resolve_positions(method: str, value: str, rope: str) -> str:
-    """``keep`` or ``reindex`` for a model whose rotary scheme is ``rope`` ("1d" or "mrope")."""
-    check_positions(method, value)
-    if value == "auto":
-        return "reindex" if rope == "1d" else "keep"
-    if value == "reindex" and rope != "1d":
-        raise ValueError(f"{method}.positions=reindex needs 1-D RoPE; this model uses {rope} "
-                         "(use positions=keep or auto)")
-    return value
+from ..engine.contract import DecoderInput, MergedRows, Reduction, TokenLayout
+from ._budget import budget_count, split_budget
 
 
 def unit_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rows of ``x`` (in ``dtype``, default its own) over their L2 norm; a zero row stays zero instead of NaN."""
     x = x if dtype is None else x.to(dtype)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def sample_count(budget: int | float, layout: TokenLayout, rounding: str = "round") -> int:
+    """Visual tokens a per-sample ``budget`` keeps: of the sample's original visual tokens, at most the current."""
+    return min(budget_count(layout.original_num_visual, budget, rounding), layout.num_visual)
+
+
+def group_rows(layout: TokenLayout) -> list[torch.Tensor]:
+    """The current rows of every visual group (``layout.groups`` order), ascending."""
+    return [layout.group_rows(g) for g in range(len(layout.groups))]
+
+
+def group_shares(budget: int | float, layout: TokenLayout, rows: list[torch.Tensor], rounding: str = "round") -> list[int]:
+    """The sample's count (``sample_count``) split over the groups in proportion to their current sizes
+    (``split_budget``: largest remainder, ties to the earlier group)."""
+    return split_budget(sample_count(budget, layout, rounding), [r.numel() for r in rows])
+
+
+def complete_group_rows(layout: TokenLayout, method: str) -> list[torch.Tensor]:
+    """Every group's rows, refused unless each group is whole and in cell order (vision-encoder signals are per
+    original group: a method reading them must run before any other reduction of the visual rows)."""
+    rows = group_rows(layout)
+    for g, (group, current) in enumerate(zip(layout.groups, rows)):
+        cells = layout.cell[current]
+        if current.numel() != group.size or not bool((cells == torch.arange(group.size, device=cells.device)).all()):
+            raise ValueError(f"{method} reads the vision encoder's signals of whole visual groups, but group {g} has "
+                             f"{current.numel()} of its {group.size} tokens: run {method} before any other reduction")
+    return rows
+
+
+def keep_visual_rows(seq: DecoderInput, kept: list[torch.Tensor], reindex: bool,
+                     merged: MergedRows | None = None) -> Reduction | None:
+    """The reduction keeping every non-visual row plus the visual rows ``kept`` (any order, one tensor per pool),
+    optionally with merged rows; None when it changes nothing."""
+    layout = seq.layout
+    keep = torch.zeros(layout.length, dtype=torch.bool, device=layout.kind.device)
+    keep[~layout.is_visual] = True
+    for rows in kept:
+        keep[rows] = True
+    rows = keep.nonzero().flatten()
+    if merged is None and rows.numel() == layout.length:
+        return None
+    return Reduction(rows, merged=merged, reindex_positions=reindex)

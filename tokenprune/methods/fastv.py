@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import (PrefillStep, Method, ModelInfo, Reduction, check_choice, check_layer, check_ratio, keep_count,
-                   register, topk_rows)
+import torch
+
+from .base import PrefillStep, ModelInfo, check_choice, check_layer, check_ratio, keep_count, register
+from .scored import ScoredMethod
 
 
 @register("fastv")
 @dataclass
-class FastV(Method):
+class FastV(ScoredMethod):
     """At the input of ``layer`` (K), keep the visual tokens most attended in layer K-1.
 
     Scores: head-mean softmax attention (fp32) of the last prompt token (``query="last"``, all official
@@ -45,10 +47,10 @@ class FastV(Method):
             return min(self.keep, num_visual)
         return keep_count(num_visual, self.keep_ratio, "round")
 
-    def select(self, step: PrefillStep) -> Reduction:
-        visual = step.layout.visual_rows()
+    def count(self, step: PrefillStep, num_rows: int) -> int:
+        return self.kept_count(num_rows)
+
+    def score(self, step: PrefillStep) -> torch.Tensor:
         if self.query == "last":
-            scores = step.attention(layer=self.layer - 1, queries="last", keys="visual")[0]  # [n_visual]
-        else:
-            scores = step.attention(layer=self.layer - 1, queries="all", keys="visual", reduce="mean")  # [n_visual]
-        return step.keep_visual(topk_rows(scores, visual, self.kept_count(visual.numel())))
+            return step.attention(layer=self.layer - 1, queries="last", keys="visual")[0]  # [n_visual]
+        return step.attention(layer=self.layer - 1, queries="all", keys="visual", reduce="mean")  # [n_visual]

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import PrefillStep, Method, ModelInfo, Reduction, check_layer, check_ratio, keep_count, register, topk_rows
+import torch
+
+from .base import PrefillStep, ModelInfo, check_layer, check_ratio, keep_count, register
+from .scored import ScoredMethod
 
 
 @register("himap")
 @dataclass
-class HiMAP(Method):
+class HiMAP(ScoredMethod):
     """Prune visual tokens at ``text_layer`` by text->image attention, then at ``image_layer`` by image<->image
     attention. ``text_keep`` and ``image_keep`` are fractions of the original visual tokens (nested sets)."""
 
@@ -51,14 +54,11 @@ class HiMAP(Method):
                              "attention of the text tokens after the last visual token, and there are none")
         return [self.text_layer, self.image_layer]
 
-    def select(self, step: PrefillStep) -> Reduction:
-        first_stage = step.layer == self.text_layer
-        fraction = self.text_keep if first_stage else self.image_keep
-        visual = step.layout.visual_rows()  # [n_visual] current rows
-        k = min(visual.numel(), keep_count(step.layout.original_num_visual, fraction, "floor"))
-        if k == visual.numel() or k == 0:
-            return step.keep_visual(visual[:k])  # nothing to rank
+    def count(self, step: PrefillStep, num_rows: int) -> int:
+        fraction = self.text_keep if step.layer == self.text_layer else self.image_keep
+        return keep_count(step.layout.original_num_visual, fraction, "floor")  # of the original N (nested sets)
+
+    def score(self, step: PrefillStep) -> torch.Tensor:
         # stage 1: text rows after the last visual token (|Q_T| queries); stage 2: the surviving visual rows (k1)
-        queries = "text" if first_stage else "visual"
-        scores = step.attention(layer=step.layer - 1, queries=queries, keys="visual", reduce="sum")  # [n_visual]
-        return step.keep_visual(topk_rows(scores, visual, k))
+        queries = "text" if step.layer == self.text_layer else "visual"
+        return step.attention(layer=step.layer - 1, queries=queries, keys="visual", reduce="sum")  # [n_visual]

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import (PrefillStep, Method, ModelInfo, Reduction, check_choice, check_layer, check_ratio, keep_count,
-                   register, topk_rows)
+import torch
+
+from .base import PrefillStep, ModelInfo, check_choice, check_layer, check_ratio, keep_count, register
+from .scored import ScoredMethod
 
 
 @register("pdrop")
 @dataclass
-class PDrop(Method):
+class PDrop(ScoredMethod):
     layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])
     positions: str = "keep"  # "keep": original positions; "reindex": contiguous after each drop (1-D RoPE only)
@@ -44,9 +46,12 @@ class PDrop(Method):
     def prune_layers(self, layout) -> list[int]:
         return list(self.layers)
 
-    def select(self, step: PrefillStep) -> Reduction:
+    def count(self, step: PrefillStep, num_rows: int) -> int:
         stage = self.layers.index(step.layer)
-        visual = step.layout.visual_rows()
-        k = min(visual.numel(), keep_count(step.layout.original_num_visual, self.ratios[stage], "floor"))
-        scores = step.attention(layer=step.layer, queries="last", keys="visual")[0]  # [n_visual]
-        return step.keep_visual(topk_rows(scores, visual, k), reindex_positions=self.positions == "reindex")
+        return keep_count(step.layout.original_num_visual, self.ratios[stage], "floor")  # of the original N
+
+    def score(self, step: PrefillStep) -> torch.Tensor:
+        return step.attention(layer=step.layer, queries="last", keys="visual")[0]  # [n_visual]
+
+    def reduction_fields(self, step: PrefillStep) -> dict:
+        return {"reindex_positions": self.positions == "reindex"}

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillStep, Method, ModelInfo, Reduction, check_layer, check_ratio, keep_count, register
+from .base import PrefillStep, ModelInfo, check_layer, check_ratio, keep_count, register
+from .scored import ScoredMethod
 
 
 @register("random")
 @dataclass
-class RandomPrune(Method):
+class RandomPrune(ScoredMethod):
     """Keep a seeded uniform-random ``keep_ratio`` of each image's / frame's visual tokens at ``layer``.
 
     The default layer equals FastV's, so that at equal ``keep_ratio`` random, uniform and FastV have the
@@ -21,6 +22,8 @@ class RandomPrune(Method):
     keep_ratio: float = 0.5
     layer: int = 2
     seed: int = 0
+
+    pool = "group"
 
     def __post_init__(self):
         check_ratio(self.name, "keep_ratio", self.keep_ratio)
@@ -34,16 +37,18 @@ class RandomPrune(Method):
     def prune_layers(self, layout) -> list[int]:
         return [self.layer]
 
-    def select(self, step: PrefillStep) -> Reduction:
+    def count(self, step: PrefillStep, num_rows: int) -> int:
+        return keep_count(num_rows, self.keep_ratio, "round")
+
+    def score(self, step: PrefillStep) -> torch.Tensor:
+        """A seeded random permutation per group (groups in order): the first of it scores highest."""
         layout = step.layout
+        group = layout.group[layout.visual_rows()]  # [n_visual]
         generator = torch.Generator().manual_seed(self.seed)
-        kept = []
-        for group in range(len(layout.groups)):
-            rows = layout.group_rows(group)
-            if rows.numel() == 0:
-                continue
-            k = keep_count(rows.numel(), self.keep_ratio, "round")
-            order = torch.randperm(rows.numel(), generator=generator)[:k].to(rows.device)
-            kept.append(rows[order])
-        visual = torch.cat(kept) if kept else layout.visual_rows()[:0]
-        return step.keep_visual(visual)
+        scores = torch.zeros(group.numel())
+        for g in range(len(layout.groups)):
+            members = (group == g).nonzero().flatten().cpu()
+            if members.numel():
+                order = torch.randperm(members.numel(), generator=generator)
+                scores[members[order]] = torch.arange(members.numel(), 0, -1, dtype=scores.dtype)
+        return scores.to(group.device)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillStep, Method, ModelInfo, Reduction, check_layer, check_ratio, keep_count, register
+from .base import PrefillStep, ModelInfo, check_layer, check_ratio, keep_count, register
+from .scored import ScoredMethod
 
 
 def uniform_cells(rows: int, cols: int, k: int) -> list[int]:
@@ -33,11 +34,13 @@ def uniform_cells(rows: int, cols: int, k: int) -> list[int]:
 
 @register("uniform")
 @dataclass
-class UniformPrune(Method):
+class UniformPrune(ScoredMethod):
     """Keep ``keep_ratio`` of each image's / frame's tokens on an evenly spaced grid, at ``layer``."""
 
     keep_ratio: float = 0.5
     layer: int = 2
+
+    pool = "group"
 
     def __post_init__(self):
         check_ratio(self.name, "keep_ratio", self.keep_ratio)
@@ -49,23 +52,28 @@ class UniformPrune(Method):
     def prune_layers(self, layout) -> list[int]:
         return [self.layer]
 
-    def select(self, step: PrefillStep) -> Reduction:
+    def count(self, step: PrefillStep, num_rows: int) -> int:
+        return keep_count(num_rows, self.keep_ratio, "round")
+
+    def score(self, step: PrefillStep) -> torch.Tensor:
+        """1 on each group's lattice points (``uniform_cells`` with the group's count), 0 elsewhere."""
         layout = step.layout
-        kept = []
+        visual = layout.visual_rows()
+        scores = torch.zeros(visual.numel(), device=visual.device)
         for group_index, group in enumerate(layout.groups):
-            rows = layout.group_rows(group_index)
-            if rows.numel() == 0:
+            members = (layout.group[visual] == group_index).nonzero().flatten()  # positions within visual
+            if members.numel() == 0:
                 continue
-            cells = layout.cell[rows]
-            k = keep_count(rows.numel(), self.keep_ratio, "round")
-            if rows.numel() == group.size and bool((cells >= 0).all()):
-                # a full grid: pick lattice cells (cells are in raster order within the group)
-                wanted = torch.tensor(uniform_cells(group.rows, group.cols, k), device=rows.device, dtype=torch.long)
-                position = torch.full((group.size,), -1, dtype=torch.long, device=rows.device)
-                position[cells] = torch.arange(rows.numel(), device=rows.device)
-                kept.append(rows[position[wanted]])
+            cells = layout.cell[visual[members]]
+            k = self.count(step, members.numel())
+            if members.numel() == group.size and bool((cells >= 0).all()):
+                # a full grid: lattice cells (cells are in raster order within the group)
+                wanted = torch.tensor(uniform_cells(group.rows, group.cols, k), device=visual.device, dtype=torch.long)
+                position = torch.full((group.size,), -1, dtype=torch.long, device=visual.device)
+                position[cells] = torch.arange(members.numel(), device=visual.device)
+                scores[members[position[wanted]]] = 1
             else:
                 # a grid already thinned by an earlier step: evenly spaced in raster order
-                kept.append(rows[torch.tensor(uniform_cells(1, rows.numel(), k), dtype=torch.long, device=rows.device)])
-        visual = torch.cat(kept) if kept else layout.visual_rows()[:0]
-        return step.keep_visual(visual)
+                picked = torch.tensor(uniform_cells(1, members.numel(), k), dtype=torch.long, device=visual.device)
+                scores[members[picked]] = 1
+        return scores

@@ -13,8 +13,21 @@ Card: ``shared/methods/visionzip.md``. Training-free, text-agnostic, before the 
 5. **Merge** (official): ``ctx_j = V[target_j] + mean(V[members of j])`` (a memberless target is unchanged);
    ``merge="mean"``: the plain mean of the target and its members.
 
-Phase 1 (issue 18): the pure algorithm and the config. The method is registered once the engine's reduction
-result (kept rows + merged rows) lands; until then it has no hooks.
+Counts (per visual group), first that applies: ``budget`` (tokens for the whole sample, split over its groups in
+proportion to their sizes (``_budget.py``); a group's share T is split 10/64 contextual as in the paper's LLaVA
+settings, 64 → 54 + 10; a share keeping all N tokens leaves the group as it is), ``dominant_ratio`` /
+``contextual_ratio`` (``D = int(r_d M)``, ``C = max(int(r_c M), 1)``: the official Qwen2.5-VL port), ``dominant`` /
+``contextual`` (official LLaVA: 54 + 10, 108 + 20, 162 + 30). With none of them set, the official values of the
+encoder: 54 + 10 on an encoder with a CLS token (LLaVA), ratios 0.65 / 0.05 on one without (Qwen).
+
+Emitted rows (``before_llm``, a ``Reduction`` with merged rows): on an encoder that emits pre-projector features
+(LLaVA) the image span becomes ``[CLS, dominant ascending, ctx_0..ctx_{C-1}]`` (official order), the CLS and the
+contextual tokens given **by value** (``projector(F_cls)``, ``projector(ctx_j)``: the projector is nonlinear);
+otherwise (Qwen) the kept rows are ``dominant ∪ targets`` in original order with each target's row replaced by
+``ctx_j`` as a **weighted sum** of the LLM embeddings (side inputs such as DeepStack features merge with the same
+weights). A contextual token sits at its target's position, the CLS at the image's first row's; positions follow
+``positions`` (official: re-packed on 1-D RoPE, original on mRoPE). Layout entries of a merged row: its first
+member's kind / group / original row (the CLS's members are the whole image, so its cell is -1).
 """
 
 from __future__ import annotations
@@ -23,13 +36,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, check_choice, check_ratio
-from .common import budget_count, check_budget, check_positions, unit_rows
+from ._budget import check_budget
+from .base import (DecoderInput, MergedRows, Method, ModelInfo, Reduction, check_choice, check_positions, check_ratio,
+                   register, resolve_positions)
+from .common import complete_group_rows, group_shares, keep_visual_rows, unit_rows
 
 MERGES = ("official", "mean")
 # tokenprune's split of a ``budget`` into dominant + contextual: the paper's LLaVA settings (54 + 10, 108 + 20,
 # 162 + 30) all give the contextual tokens 10/64 of the total.
 CONTEXTUAL_SHARE = 10 / 64
+OFFICIAL_COUNTS = (54, 10)  # README: visionzip(model, dominant=54, contextual=10) (CLS encoders)
+OFFICIAL_RATIOS = (0.65, 0.05)  # the official Qwen2.5-VL port (Q L1916-L1917) (encoders without a CLS token)
+OFFICIAL_POSITIONS = "reindex"  # card §4: LLaVA re-packs positions to arange(L') (A L232, L241)
 
 
 @dataclass
@@ -158,18 +176,14 @@ def visionzip_weights(plan: VisionZipPlan, num_tokens: int, merge: str = "offici
     return weights
 
 
+@register("visionzip")
 @dataclass
 class VisionZip(Method):
-    """Per visual group keep ``dominant`` tokens (CLS included on CLS encoders) and ``contextual`` merged ones.
+    """Per visual group keep the dominant tokens (CLS included on CLS encoders) and merge the rest into contextual
+    tokens (counts: see the module docstring; all unset = the encoder's official values)."""
 
-    Counts, first that applies: ``budget`` (tokens per group, split 10/64 contextual as the paper's LLaVA
-    settings; a budget keeping all N tokens is the identity), else ``dominant_ratio`` / ``contextual_ratio``
-    (``D = int(r_d M)``, ``C = max(int(r_c M), 1)``, the official Qwen2.5-VL port: 0.65 / 0.05), else
-    ``dominant`` / ``contextual`` (official LLaVA: 54 + 10, 108 + 20, 162 + 30).
-    """
-
-    dominant: int = 54
-    contextual: int = 10
+    dominant: int | None = None
+    contextual: int | None = None
     dominant_ratio: float | None = None
     contextual_ratio: float | None = None
     budget: int | float | None = None
@@ -177,46 +191,119 @@ class VisionZip(Method):
     merge: str = "official"
     positions: str = "auto"
 
-    name = "visionzip"
+    needs_vision_signals = True
 
     def __post_init__(self):
-        for field_name, minimum in (("dominant", 0), ("contextual", 0)):
+        for field_name in ("dominant", "contextual"):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{self.name}.{field_name} must be an integer >= {minimum}, got {value!r}")
-        if (self.dominant_ratio is None) != (self.contextual_ratio is None):
-            raise ValueError(f"{self.name}: set dominant_ratio and contextual_ratio together (got dominant_ratio="
-                             f"{self.dominant_ratio!r}, contextual_ratio={self.contextual_ratio!r})")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{self.name}.{field_name} must be an integer >= 0 or null, got {value!r}")
+        for first, second in (("dominant", "contextual"), ("dominant_ratio", "contextual_ratio")):
+            if (getattr(self, first) is None) != (getattr(self, second) is None):
+                raise ValueError(f"{self.name}: set {first} and {second} together (got {first}="
+                                 f"{getattr(self, first)!r}, {second}={getattr(self, second)!r})")
         if self.dominant_ratio is not None:
             check_ratio(self.name, "dominant_ratio", self.dominant_ratio)
             check_ratio(self.name, "contextual_ratio", self.contextual_ratio)
-            if self.budget is not None:
-                raise ValueError(f"{self.name}: give budget or dominant_ratio/contextual_ratio, not both "
-                                 f"(got budget={self.budget!r}, dominant_ratio={self.dominant_ratio!r})")
-        check_budget(self.name, "budget", self.budget, allow_none=True)
+        check_budget(self.name, self.budget, allow_none=True)
+        given = [name for name in ("budget", "dominant", "dominant_ratio") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{self.name}: give one of budget, dominant/contextual or dominant_ratio/contextual_ratio "
+                             f"(got {', '.join(f'{name}={getattr(self, name)!r}' for name in given)})")
         if not isinstance(self.include_cls, bool):
             raise ValueError(f"{self.name}.include_cls must be true or false, got {self.include_cls!r}")
         check_choice(self.name, "merge", self.merge, MERGES)
         check_positions(self.name, self.positions)
 
-    def counts(self, num_tokens: int, has_cls: bool) -> tuple[bool, int, int]:
-        """``(emit_cls, D', C)`` for a group of ``num_tokens`` content tokens (``D'``: dominant content tokens).
+    def validate(self, model: ModelInfo) -> None:
+        resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
-        A group whose budget keeps all its tokens gives ``(False, num_tokens, 0)``: the identity.
+    def counts(self, num_tokens: int, has_cls: bool, share: int | None = None) -> tuple[bool, int, int]:
+        """``(emit_cls, D', C)`` for a group of ``num_tokens`` content tokens (``D'``: dominant content tokens);
+        ``share``: the group's part of the sample's ``budget`` (budget only).
+
+        A budget share keeping all its tokens gives ``(False, num_tokens, 0)``: the identity.
         """
         emit_cls = has_cls and self.include_cls
+        ratios = self.dominant_ratio, self.contextual_ratio
         if self.budget is not None:
-            total = budget_count(self.budget, num_tokens)
-            if total >= num_tokens:
+            if share is None:
+                raise ValueError(f"{self.name}.counts needs the group's share of the budget")
+            if share >= num_tokens:
                 return False, num_tokens, 0
-            contextual = round(total * CONTEXTUAL_SHARE)
-            dominant = total - contextual
-        elif self.dominant_ratio is not None:
-            dominant = int(self.dominant_ratio * num_tokens)
-            contextual = max(int(self.contextual_ratio * num_tokens), 1)
+            contextual = round(share * CONTEXTUAL_SHARE)
+            dominant = share - contextual
+        elif self.dominant is not None or (ratios[0] is None and has_cls):
+            dominant, contextual = (self.dominant, self.contextual) if self.dominant is not None else OFFICIAL_COUNTS
         else:
-            dominant, contextual = self.dominant, self.contextual
+            ratio_d, ratio_c = ratios if ratios[0] is not None else OFFICIAL_RATIOS
+            dominant = int(ratio_d * num_tokens)
+            contextual = max(int(ratio_c * num_tokens), 1)
         if emit_cls and dominant == 0:
             emit_cls = False  # no room for the CLS: D counts it
         content = min(num_tokens, dominant - int(emit_cls))
+        if content >= num_tokens:
+            return False, num_tokens, 0  # counts that keep every token leave the group as it is
         return emit_cls, content, min(contextual, num_tokens - content)
+
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        layout, vision = seq.layout, seq.vision
+        rows = complete_group_rows(layout, self.name)
+        shares = group_shares(self.budget, layout, rows) if self.budget is not None else [None] * len(rows)
+        positions = seq.positions[0]  # [P, L]
+        kept, parts = [], []
+        for g, (group_rows, share) in enumerate(zip(rows, shares)):
+            num_tokens = group_rows.numel()
+            emit_cls, dominant, contextual = self.counts(num_tokens, vision.has_cls, share)
+            if not emit_cls and contextual == 0 and dominant >= num_tokens:
+                kept.append(group_rows)
+                continue
+            signals = vision.group(g)
+            plan = visionzip_plan(signals.scores[None], signals.keys[None], dominant, contextual)
+            kept.append(group_rows[plan.dominant[0]])
+            parts.append(self.merged_rows(seq, group_rows, signals, plan, emit_cls, positions))
+        reindex = resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, seq.model) == "reindex"
+        return keep_visual_rows(seq, kept, reindex, concat_merged(parts))
+
+    def merged_rows(self, seq: DecoderInput, rows: torch.Tensor, signals, plan: VisionZipPlan, emit_cls: bool,
+                    positions: torch.Tensor) -> MergedRows | None:
+        """One group's CLS and contextual rows (``rows``: the group's rows, ``positions`` ``[P, L]``): by value
+        through the projector where the encoder emits pre-projector features, else as weighted sums of the group's
+        rows of ``seq.embeds``. A contextual row sits at its target's position, the CLS at the group's first row's."""
+        weights = visionzip_weights(plan, rows.numel(), self.merge)[0]  # [C, N]
+        slot, member = weights.nonzero(as_tuple=True)  # [E]: members of each contextual row, its target included
+        targets = rows[plan.targets[0]]  # [C]
+        by_value = signals.features is not None
+        merged = MergedRows(
+            sources=rows[member], into=slot, weights=weights[slot, member],
+            # official LLaVA order [CLS, dominant, ctx]: after the group's last row; official Qwen: in the target's row
+            anchor=torch.full_like(targets, int(rows[-1]) + 1) if by_value else targets,
+            values=visionzip_merge(signals.features[None], plan, self.merge)[0] if by_value else None,  # [C, D]
+            positions=positions[:, targets])
+        if emit_cls:  # by value (CLS encoders emit features); members: the whole group (layout: first row, cell -1)
+            cls = MergedRows(sources=rows, into=torch.zeros_like(rows),
+                             weights=torch.full((rows.numel(),), 1 / rows.numel(), device=rows.device),
+                             anchor=rows[:1], values=signals.cls_feature[None], positions=positions[:, rows[:1]])
+            merged = concat_merged([cls, merged])
+        if merged.count == 0:
+            return None
+        if by_value:
+            merged.values = seq.vision.project(merged.values)  # [M, d]: the projector is nonlinear
+        return merged
+
+
+def concat_merged(parts: list[MergedRows | None]) -> MergedRows | None:
+    """The merged rows of several groups as one ``MergedRows`` (row numbers offset group by group)."""
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return None
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += part.count
+    values = None if parts[0].values is None else torch.cat([part.values for part in parts])
+    return MergedRows(sources=torch.cat([part.sources for part in parts]),
+                      into=torch.cat([part.into + offset for part, offset in zip(parts, offsets)]),
+                      weights=torch.cat([part.weights for part in parts]),
+                      anchor=torch.cat([part.anchor for part in parts]), values=values,
+                      positions=torch.cat([part.positions for part in parts], dim=1))

@@ -16,7 +16,11 @@ This follows the card's pseudocode, which equals the official tensor code wherev
 when ``|Q|`` is odd or ``k > |Q|/2 + 1``). ``parity="lightcompress"`` adds one important token when ``N - T_imp``
 is odd (LightCompress's Qwen2.5-VL port).
 
-Phase 1 (issue 18): the pure algorithm and the config; registered once the engine's reduction result lands.
+Budget (``_budget.py``): ``budget`` tokens for the whole sample (an int; a float: that fraction of its visual
+tokens, Python rounding), split over its images / temporal groups in proportion to their sizes; each group runs
+the algorithm above with its share ``T`` (official: ``--visual_token_num`` per image, 128 / 64 / 32 of 576 on
+LLaVA-1.5). Positions (``positions``): official re-packing on 1-D RoPE (LLaVA: ``position_ids`` None after the
+splice), original positions on mRoPE (LightCompress's Qwen2.5-VL port gathers them).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, check_choice
-from .common import budget_count, check_budget, check_positions, unit_rows
+from ._budget import check_budget
+from .base import (DecoderInput, Method, ModelInfo, Reduction, check_choice, check_positions, register,
+                   resolve_positions)
+from .common import complete_group_rows, group_shares, keep_visual_rows, unit_rows
 
 PARITIES = ("general", "lightcompress")
+OFFICIAL_POSITIONS = "reindex"  # card §4: LLaVA re-packs positions to arange(L') (A L368, L377)
 
 
 def vispruner_counts(num_tokens: int, keep: int, important_ratio: float, parity: str = "general") -> tuple[int, int]:
@@ -69,11 +76,14 @@ def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int
     return torch.sort(kept, dim=-1).values
 
 
+@register("vispruner")
 @dataclass
 class VisPruner(Method):
-    """Per visual group keep ``budget`` tokens: ``int(budget * important_ratio)`` by encoder attention, the
-    rest by iterative de-duplication of the residual (official: ``--visual_token_num`` 128 / 64 / 32,
-    ``--important_ratio`` 0.5; LightCompress's ``prune_ratio`` p is ``budget = 1 - p`` as a fraction)."""
+    """Keep ``budget`` visual tokens (per sample, split over its groups): per group ``int(T * important_ratio)`` by
+    encoder attention, the rest by iterative de-duplication of the residual. Official: ``--visual_token_num`` 128 /
+    64 / 32, ``--important_ratio`` 0.5; LightCompress's ``prune_ratio`` p is ``budget = 1 - p`` as a fraction.
+    Similarity features: the pre-projector CLIP patches where the encoder emits them (LLaVA), else the LLM
+    embeddings (Qwen)."""
 
     budget: int | float = 64
     important_ratio: float = 0.5
@@ -81,10 +91,10 @@ class VisPruner(Method):
     parity: str = "general"
     positions: str = "auto"
 
-    name = "vispruner"
+    needs_vision_signals = True
 
     def __post_init__(self):
-        check_budget(self.name, "budget", self.budget)
+        check_budget(self.name, self.budget, allow_none=False)
         if isinstance(self.important_ratio, bool) or not isinstance(self.important_ratio, (int, float)) \
                 or not 0 <= self.important_ratio <= 1:
             raise ValueError(f"{self.name}.important_ratio must be a number in [0, 1], got {self.important_ratio!r}")
@@ -93,6 +103,21 @@ class VisPruner(Method):
         check_choice(self.name, "parity", self.parity, PARITIES)
         check_positions(self.name, self.positions)
 
-    def kept_count(self, num_tokens: int) -> int:
-        return budget_count(self.budget, num_tokens)
+    def validate(self, model: ModelInfo) -> None:
+        resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, model)
 
+    def before_llm(self, seq: DecoderInput) -> Reduction | None:
+        layout = seq.layout
+        rows = complete_group_rows(layout, self.name)
+        kept = []
+        for g, (group_rows, count) in enumerate(zip(rows, group_shares(self.budget, layout, rows))):
+            if count >= group_rows.numel():
+                kept.append(group_rows)
+                continue
+            signals = seq.vision.group(g)
+            features = signals.features if signals.features is not None else seq.embeds[0, group_rows]  # [N, C]
+            keep = vispruner_select(signals.scores[None], features[None], count, self.important_ratio, self.step,
+                                    self.parity)[0]  # [T] ascending
+            kept.append(group_rows[keep])
+        reindex = resolve_positions(self.name, self.positions, OFFICIAL_POSITIONS, seq.model) == "reindex"
+        return keep_visual_rows(seq, kept, reindex)

@@ -28,10 +28,12 @@ WEIGHTS = ("pretrained", "random")
 
 
 class Inputs(dict):
-    """Model inputs (``model(**inputs)`` / ``model.generate(**inputs)``) plus the sample's TokenLayout and what a
+    """Model inputs (``model(**inputs)`` / ``model.generate(**inputs)``) plus the sample's TokenLayout, its
+    question text (``questions``: one per sample, for ``apply(..., questions=inputs.questions)``) and what a
     method's ``before_processor`` reported (``stats``, e.g. ``native_visual_tokens``; empty without one)."""
 
     layout: TokenLayout
+    questions: list[str] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -40,6 +42,7 @@ class Inputs(dict):
     def to(self, device) -> "Inputs":
         moved = Inputs({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
         moved.layout, moved.stats = self.layout, dict(self.stats)
+        moved.questions = self.questions
         return moved
 
 
@@ -224,6 +227,7 @@ class VLM:
         if self.processor is None:
             raise ModelInputError(f"model {self.name!r} was built without a processor; give model.path to one")
         inputs = self.adapter.prepare(self.processor, self.model, sample, self.options, method=method)
+        inputs.questions = [sample.question]
         return inputs.to(self.device)
 
     def info(self) -> ModelInfo:

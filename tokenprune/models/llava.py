@@ -9,8 +9,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from ..data.sample import Sample
 from ..engine.contract import FixedGeometry, ModelInputError, VisualSpec
+from ..engine.vision import SignalSource
 from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
 from .images import load_images
+from .vision_signals import clip_groups, clip_signal_layer
 
 # The llava-hf template, used when a checkpoint's processor carries none.
 LLAVA15_TEMPLATE = (
@@ -20,6 +22,38 @@ LLAVA15_TEMPLATE = (
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+class ClipSignals(SignalSource):
+    """LLaVA's CLIP tower: the CLS row and head-mean keys of the layer producing the feature layer (22 of 24), its
+    output patches (pre-projector features, CLS separate), the multimodal projector and the tower's final norm."""
+
+    family = "llava"
+    has_cls = True
+    encoder_inputs = ("pixel_values",)
+
+    def layer(self, model):
+        config = model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("vision signals support vision_feature_select_strategy='default' (CLS not a visual "
+                             f"token), got {config.vision_feature_select_strategy!r}")
+        return model.model.vision_tower.encoder.layers[clip_signal_layer(config)]
+
+    def hook(self, model, record) -> list:
+        def capture(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            record({"hidden": hidden, "output": output[0] if isinstance(output, tuple) else output})
+
+        return [self.layer(model).register_forward_hook(capture, with_kwargs=True)]
+
+    def compute(self, model, captures, chunk_bytes):
+        return clip_groups(self.layer(model), captures, chunk_bytes)
+
+    def project(self, model, features):
+        return model.model.multi_modal_projector(features)
+
+    def post_norm(self, model, features):
+        return model.model.vision_tower.post_layernorm(features)
 
 
 @register_adapter
@@ -37,6 +71,9 @@ class LlavaAdapter(ModelAdapter):
 
     def vision_model(self, model):
         return model.model.vision_tower
+
+    def vision_signal_source(self, model) -> SignalSource:
+        return ClipSignals()
 
     @staticmethod
     def tokens_per_image(config, captured: dict | None = None) -> tuple[int, int, int]:

@@ -1,7 +1,8 @@
 """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``: windowed ViT + 2x2 merger + Qwen2 decoder, 3-D mRoPE).
 
 Everything the engine needs is Qwen2-VL's (``qwen2vl.py``): the windowed ViT and the video time steps
-(``second_per_grid_ts``) change only the stock positions, which the engine gathers as they are.
+(``second_per_grid_ts``) change only the stock positions, which the engine gathers as they are. The vision
+signals undo the ViT's window permutation.
 """
 
 from __future__ import annotations
@@ -11,7 +12,29 @@ from functools import partial
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from .base import ModelSpec, register_adapter, register_model
-from .qwen2vl import Qwen2VLAdapter, check_image_options, check_video_options  # noqa: F401  (importable here)
+from .qwen2vl import Qwen2VLAdapter, QwenViTSignals, check_image_options, check_video_options  # noqa: F401
+
+
+class QwenWindowedSignals(QwenViTSignals):
+    """Qwen2.5-VL's windowed ViT: its last block is a full-attention block; undo the window permutation."""
+
+    def hook(self, model, record) -> list:
+        visual = model.model.visual
+        if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
+            raise ValueError(f"vision signals read the last ViT block as a full-attention block; this model's "
+                             f"full-attention blocks are {list(visual.fullatt_block_indexes)} of {len(visual.blocks)}")
+        return super().hook(model, record)
+
+    def window_index(self, model):
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = model.model.visual
+
+        def window_index(grid_thw):
+            return get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                           window_size=visual.window_size, patch_size=visual.patch_size)[0]
+
+        return window_index
 
 
 @register_adapter
@@ -19,6 +42,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen25vl"
     model_classes = (Qwen2_5_VLForConditionalGeneration,)
     tiny_model = "tiny_qwen25vl"
+
+    def vision_signal_source(self, model):
+        return QwenWindowedSignals(self.family)
 
     def tiny_config(self, layers: int = 6):
         from .zoo.tiny import tiny_qwen25vl_config

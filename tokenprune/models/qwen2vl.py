@@ -26,8 +26,10 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from ..data.sample import Sample, VideoFrames
 from ..engine.contract import DynamicGeometry, ModelInputError, VisualSpec
+from ..engine.vision import SignalSource
 from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
 from .images import load_images
+from .vision_signals import qwen_block_hooks, qwen_vit_groups
 from .zoo.tiny import tiny_qwen_ids, tiny_qwen_processor, tiny_qwen_text
 
 IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels")
@@ -75,6 +77,29 @@ def check_image_options(options: dict | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Vision-encoder signals (no CLS: attention received in the last ViT block, per 2x2 merge unit)
+# ---------------------------------------------------------------------------------------------------------
+class QwenViTSignals(SignalSource):
+    """The last ViT block's received attention and head-mean RoPE'd keys per merge unit, per temporal step (the
+    CLS-less extension of the VisionZip / VisPruner cards); Qwen2-VL's ViT has no window permutation."""
+
+    has_cls = False
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def window_index(self, model):
+        """``grid_thw -> window_index`` (the ViT's window permutation of merge units), or None."""
+        return None
+
+    def hook(self, model, record) -> list:
+        return qwen_block_hooks(model.model.visual, record)
+
+    def compute(self, model, captures, chunk_bytes):
+        return qwen_vit_groups(model.model.visual, captures, chunk_bytes, self.window_index(model))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------------------------
 @register_adapter
@@ -90,6 +115,9 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def vision_model(self, model):
         return model.model.visual
+
+    def vision_signal_source(self, model) -> SignalSource:
+        return QwenViTSignals(self.family)
 
     # -- RoPE: 3-D positions [B, 3, L] ---------------------------------------------------------------------
     def positions(self, position_ids, batch: int, length: int, past: int, device) -> torch.Tensor:

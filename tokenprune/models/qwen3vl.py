@@ -14,6 +14,11 @@ What differs from Qwen2-VL (``qwen2vl.py``), and how this file tells the engine:
   grid still describes it; inside ``generate`` (no grids) the runs are grouped into videos with the per-video
   token counts of ``mm_encoder_outputs``;
 * interleaved mRoPE lives in the model's own ``rotary_emb``: nothing to change (tables are per row);
+* vision signals (VisionZip, VisPruner): Qwen2-VL's ``QwenViTSignals``, inherited — the ViT has the same last-block
+  interface (``qkv``, ``norm1``, 2-D RoPE tables, one attention segment per temporal step, no window permutation;
+  its LayerNorm and learned position table change nothing there), compared with brute force in
+  ``tests/test_vision_signals.py``. Merged rows (VisionZip's contextual tokens) get the DeepStack features merged
+  with the embeddings' weights (``Reduction.rows``), as the VisionZip card asks for every DeepStack level;
 * FLOPs: an MoE layer runs top-k experts of ``moe_intermediate_size`` plus the router.
 """
 

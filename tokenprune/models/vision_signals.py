@@ -1,57 +1,36 @@
-"""Vision-encoder signals for pre-LLM methods (VisionZip, VisPruner): per visual group, how much attention each
-LLM-level visual token gets inside the vision encoder, and the encoder's keys for grouping.
+"""Vision-encoder signals for pre-LLM methods (VisionZip, VisPruner, CDPruner): the shared math behind each model
+family's ``SignalSource`` (``engine/vision.py``; the sources live in the family files).
 
-Recomputed lazily from one encoder layer's own norm and projections, with a float32 softmax, chunked over query
-rows (never an ``H x T x T`` map, never eager attention: the encoder keeps its SDPA / flash kernels):
+Per visual group: how much attention each LLM-level visual token gets inside the vision encoder, and the encoder's
+keys for grouping, recomputed lazily from one encoder layer's own norm and projections, with a float32 softmax,
+chunked over query rows (never an ``H x T x T`` map, never eager attention: the encoder keeps its SDPA / flash
+kernels):
 
-* **LLaVA** (CLIP, with CLS): the layer producing the feature layer (``vision_feature_layer=-2``: layer 22 of 24).
-  ``scores``: the CLS row's softmax over all ``N + 1`` keys, head mean, patch columns ``[N]``. ``keys``: the
-  layer's ``k_proj(layer_norm1(x))`` averaged over heads ``[N, head_dim]`` (CLS key in ``cls_keys``).
-  ``features``: the layer's output patches ``[N, D]`` (``hidden_states[-2][1:]``, pre-projector), the CLS
-  feature in ``cls_features``; ``project`` is the multimodal projector.
-* **Qwen2.5-VL** (windowed ViT, no CLS): the last block (full attention). ``scores``: the softmax with the vision
-  RoPE, head mean, summed over all query rows of the block's attention segment (one temporal step), averaged
-  over each 2x2 merge unit, window order undone ``[M]``. ``keys``: the block's RoPE'd keys averaged over heads and
-  merge unit ``[M, head_dim]``. No features: methods use the post-merger LLM embeddings.
+* **LLaVA** (CLIP, with CLS; ``models/llava.py``): the layer producing the feature layer
+  (``vision_feature_layer=-2``: layer 22 of 24). ``scores``: the CLS row's softmax over all ``N + 1`` keys, head
+  mean, patch columns ``[N]``. ``keys``: the layer's ``k_proj(layer_norm1(x))`` averaged over heads
+  ``[N, head_dim]`` (CLS key in ``cls_key``). ``features``: the layer's output patches ``[N, D]``
+  (``hidden_states[-2][1:]``, pre-projector), the CLS feature in ``cls_feature``; ``project`` is the multimodal
+  projector, ``post_norm`` the tower's ``post_layernorm``.
+* **Qwen2-VL / Qwen2.5-VL / Qwen3-VL** (ViT without CLS, 2x2 patch merger; ``models/qwen2vl.py``,
+  ``models/qwen25vl.py``, Qwen3-VL inheriting Qwen2-VL's source): the
+  last block (full attention on Qwen2.5-VL's windowed ViT). ``scores``: the softmax with the vision RoPE, head mean,
+  summed over all query rows of the block's attention segment (one temporal step), averaged over each 2x2 merge
+  unit, window order undone (Qwen2.5-VL) ``[M]``. ``keys``: the block's RoPE'd keys averaged over heads and merge
+  unit ``[M, head_dim]``. No features: methods use the post-merger LLM embeddings.
 
 Groups: one per image (LLaVA), one per temporal step of each image / video grid (Qwen), in the order the vision
 encoder saw them (its calls in order, then the batch / grid order of each call), token order as the LLM reads
-them. ``VisionTrace`` registers the capture hooks (which only keep references to the layer's inputs) and always
-removes them; nothing is computed until a method asks.
-
-Phase 1 (issue 18): this module moves into the model-family files when the engine v2 contract lands.
+them.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-
 import torch
 
+from ..engine.contract import GroupSignals, GroupSource
 from ..engine.scores import SCORE_CHUNK_BYTES, attention_probabilities, rotate_half
-
-
-@dataclass(frozen=True)
-class GroupSource:
-    """Where a group came from: the ``call``-th vision-encoder call, its ``item``-th image / grid, ``frame``-th
-    temporal step (0 for images)."""
-
-    call: int
-    item: int
-    frame: int
-
-
-@dataclass
-class GroupSignals:
-    """The signals of one visual group of ``n`` LLM tokens (float32 scores and keys)."""
-
-    source: GroupSource
-    scores: torch.Tensor  # [n]
-    keys: torch.Tensor  # [n, head_dim]
-    features: torch.Tensor | None = None  # [n, D] pre-projector features (LLaVA)
-    cls_feature: torch.Tensor | None = None  # [D]
-    cls_key: torch.Tensor | None = None  # [head_dim]
+from ..engine.vision import SignalSource
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,40 +75,68 @@ def clip_mean_keys(layer, hidden: torch.Tensor) -> torch.Tensor:
     return clip_heads(attention, layer.layer_norm1(hidden), attention.k_proj).float().mean(dim=1)
 
 
+def clip_groups(layer, captures: list[dict], chunk_bytes: int) -> list[GroupSignals]:
+    """One group per image of every capture ``{"hidden": [B, N + 1, D] layer input, "output": [B, N + 1, D]}``."""
+    groups = []
+    for call, capture in enumerate(captures):
+        hidden, output = capture["hidden"], capture["output"]  # [B, N + 1, D] each
+        scores = clip_cls_attention(layer, hidden, chunk_bytes)  # [B, N]
+        keys = clip_mean_keys(layer, hidden)  # [B, N + 1, hd]
+        for item in range(hidden.shape[0]):
+            groups.append(GroupSignals(GroupSource(call, item, 0), scores[item], keys[item, 1:],
+                                       output[item, 1:], output[item, 0], keys[item, 0]))
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Qwen2.5-VL (windowed ViT, 2x2 patch merger)
+# Qwen2-VL / Qwen2.5-VL (ViT without CLS, 2x2 patch merger)
 # ---------------------------------------------------------------------------------------------------------
 def vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The ViT's rotary embedding in float32: ``x`` ``[T, H, hd]``, ``cos`` / ``sin`` ``[T, hd]``."""
+    """The ViT's rotary embedding in float32: ``x`` ``[T, H, hd]``, ``cos`` / ``sin`` ``[T, hd]`` (one temporary)."""
     cos, sin = cos.float()[:, None], sin.float()[:, None]
     x = x.float()
-    return x * cos + rotate_half(x) * sin
+    return (rotate_half(x) * sin).addcmul_(x, cos)
 
 
 def qwen_block_qk(block, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE'd queries and keys of a ViT block from its own norm and qkv: ``hidden`` ``[T, D]`` (window order)
-    → two ``[T, H, hd]`` float32."""
+    """RoPE'd queries and keys of a ViT block from its own norm and the query / key rows of its qkv projection (the
+    values are never computed): ``hidden`` ``[T, D]`` (window order) → two ``[T, H, hd]`` float32."""
     attention = block.attn
     length = hidden.shape[0]
-    qkv = attention.qkv(block.norm1(hidden)).reshape(length, 3, attention.num_heads, -1)
+    normed = block.norm1(hidden)  # [T, D]
+    weight, bias = attention.qkv.weight, attention.qkv.bias  # [3D, D], [3D]: q, k, v rows
+    dim = weight.shape[0] // 3
     cos, sin = position_embeddings
-    return vision_rope(qkv[:, 0], cos, sin), vision_rope(qkv[:, 1], cos, sin)
+    projected = []
+    for part in (0, 1):
+        rows = slice(part * dim, (part + 1) * dim)
+        x = torch.nn.functional.linear(normed, weight[rows], None if bias is None else bias[rows])
+        projected.append(vision_rope(x.view(length, attention.num_heads, -1), cos, sin))
+    return projected[0], projected[1]
 
 
 def qwen_received_attention(block, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings,
-                            chunk_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
-    """Attention each patch receives in ``block``: head mean, summed over the query rows of its own attention
-    segment (``cu_seqlens``). ``hidden`` ``[T, D]`` → ``[T]`` float32, window order."""
-    queries, keys = qwen_block_qk(block, hidden, position_embeddings)
+                            chunk_bytes: int = SCORE_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention each patch receives in ``block`` (head mean, summed over the query rows of its own attention
+    segment, ``cu_seqlens``) and its head-mean RoPE'd key: ``hidden`` ``[T, D]`` → ``[T]``, ``[T, hd]`` float32,
+    window order. One segment at a time: queries and keys exist for one segment only."""
+    cos, sin = position_embeddings
     bounds = cu_seqlens.tolist()
-    received = []
+    received, mean_keys = [], []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        q = queries[start:stop].transpose(0, 1)[None]  # [1, H, n, hd]
-        k = keys[start:stop].transpose(0, 1)[None]
-        rows = torch.arange(stop - start, device=hidden.device)
-        received.append(attention_probabilities(q, k, rows, None, block.attn.scaling, causal=False, heads="mean",
-                                                reduce="sum", chunk_bytes=chunk_bytes)[0])
-    return torch.cat(received)
+        queries, keys = qwen_block_qk(block, hidden[start:stop], (cos[start:stop], sin[start:stop]))  # [n, H, hd]
+        length, heads = keys.shape[:2]
+        queries, keys = queries.transpose(0, 1)[None], keys.transpose(0, 1)[None]  # [1, H, n, hd]
+        total = torch.zeros(length, device=hidden.device)
+        step = max(1, chunk_bytes // (4 * heads * length * 2))  # query rows whose scores and softmax fit the budget
+        for first in range(0, length, step):  # a running sum: one [n] partial at a time
+            rows = torch.arange(first, min(length, first + step), device=hidden.device)
+            total += attention_probabilities(queries[:, :, rows], keys, rows, None, block.attn.scaling, causal=False,
+                                             heads="mean", reduce="sum", chunk_bytes=chunk_bytes)[0]
+        received.append(total)
+        mean_keys.append(keys[0].mean(dim=0))
+        del queries, keys
+    return torch.cat(received), torch.cat(mean_keys)
 
 
 def merge_units(values: torch.Tensor, window_index: torch.Tensor, unit: int) -> torch.Tensor:
@@ -139,130 +146,73 @@ def merge_units(values: torch.Tensor, window_index: torch.Tensor, unit: int) -> 
     return pooled[torch.argsort(window_index)]
 
 
+def merge_units_in_order(values: torch.Tensor, unit: int, window_index: torch.Tensor | None) -> torch.Tensor:
+    """``merge_units`` without a window permutation where the ViT has none (``window_index`` None)."""
+    if window_index is None:
+        return values.reshape(values.shape[0] // unit, unit, *values.shape[1:]).mean(dim=1)
+    return merge_units(values, window_index, unit)
+
+
+def qwen_block_hooks(visual, record) -> list:
+    """Capture hooks on a Qwen ViT: its ``grid_thw`` (pre-hook) and the inputs of its last block."""
+    pending = {}
+
+    def capture_grid(module, args, kwargs):
+        pending["grid_thw"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+    def capture_block(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        record({"hidden": hidden, "cu_seqlens": kwargs["cu_seqlens"],
+                "position_embeddings": kwargs["position_embeddings"], "grid_thw": pending["grid_thw"]})
+
+    return [visual.register_forward_pre_hook(capture_grid, with_kwargs=True),
+            visual.blocks[-1].register_forward_hook(capture_block, with_kwargs=True)]
+
+
+def qwen_vit_groups(visual, captures: list[dict], chunk_bytes: int, window_index=None) -> list[GroupSignals]:
+    """One group per temporal step of every grid of every capture (``qwen_block_hooks``): received attention and
+    head-mean keys of the last block per merge unit, in LLM-token order. ``window_index(grid_thw)``: the ViT's
+    window permutation (Qwen2.5-VL), None for a ViT without windows (Qwen2-VL)."""
+    block = visual.blocks[-1]
+    unit = visual.spatial_merge_size ** 2
+    groups = []
+    for call, capture in enumerate(captures):
+        hidden, grid_thw = capture["hidden"], capture["grid_thw"]
+        order = None if window_index is None else window_index(grid_thw).to(hidden.device)
+        received, keys = qwen_received_attention(block, hidden, capture["cu_seqlens"], capture["position_embeddings"],
+                                                 chunk_bytes)  # [T], [T, hd]
+        scores = merge_units_in_order(received, unit, order)  # [T / 4]
+        keys = merge_units_in_order(keys, unit, order)  # [T / 4, hd]
+        start = 0
+        for item, (frames, height, width) in enumerate(grid_thw.tolist()):
+            size = height * width // unit
+            for frame in range(frames):
+                groups.append(GroupSignals(GroupSource(call, item, frame), scores[start:start + size],
+                                           keys[start:start + size]))
+                start += size
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Family sources (a registry by family name; moves into the family files in engine v2)
+# A standalone trace (tests, notebooks): the family's own source around any forward calls
 # ---------------------------------------------------------------------------------------------------------
-class SignalSource(ABC):
-    """What one model family needs to capture and how it turns captures into per-group signals."""
-
-    family: str = ""
-    has_cls: bool = False
-
-    @abstractmethod
-    def hook(self, model, record) -> list:
-        """Register the capture hooks on ``model``; ``record(key, value)`` stores a capture. Returns the handles."""
-
-    @abstractmethod
-    def compute(self, model, captures: list[dict], chunk_bytes: int) -> list[GroupSignals]:
-        """Per-group signals from the captures of each vision-encoder call, in call order."""
-
-    def project(self, model, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"the {self.family} family has no pre-projector features to project")
-
-
-class ClipSource(SignalSource):
-    family = "llava"
-    has_cls = True
-
-    def layer(self, model):
-        config = model.config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError("vision signals support vision_feature_select_strategy='default' (CLS not a visual "
-                             f"token), got {config.vision_feature_select_strategy!r}")
-        return model.model.vision_tower.encoder.layers[clip_signal_layer(config)]
-
-    def hook(self, model, record) -> list:
-        def capture(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            record({"hidden": hidden, "output": output[0] if isinstance(output, tuple) else output})
-
-        return [self.layer(model).register_forward_hook(capture, with_kwargs=True)]
-
-    def compute(self, model, captures, chunk_bytes):
-        layer = self.layer(model)
-        groups = []
-        for call, capture in enumerate(captures):
-            hidden, output = capture["hidden"], capture["output"]  # [B, N + 1, D] each
-            scores = clip_cls_attention(layer, hidden, chunk_bytes)  # [B, N]
-            keys = clip_mean_keys(layer, hidden)  # [B, N + 1, hd]
-            for item in range(hidden.shape[0]):
-                groups.append(GroupSignals(GroupSource(call, item, 0), scores[item], keys[item, 1:],
-                                           output[item, 1:], output[item, 0], keys[item, 0]))
-        return groups
-
-    def project(self, model, features):
-        return model.model.multi_modal_projector(features)
-
-
-class QwenWindowedSource(SignalSource):
-    family = "qwen25vl"
-    has_cls = False
-
-    def hook(self, model, record) -> list:
-        visual = model.model.visual
-        pending = {}
-
-        def capture_grid(module, args, kwargs):
-            pending["grid_thw"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-
-        def capture_block(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            record({"hidden": hidden, "cu_seqlens": kwargs["cu_seqlens"],
-                    "position_embeddings": kwargs["position_embeddings"], "grid_thw": pending["grid_thw"]})
-
-        return [visual.register_forward_pre_hook(capture_grid, with_kwargs=True),
-                visual.blocks[-1].register_forward_hook(capture_block, with_kwargs=True)]
-
-    def compute(self, model, captures, chunk_bytes):
-        from transformers.vision_utils import get_vision_window_index
-
-        visual = model.model.visual
-        block = visual.blocks[-1]
-        unit = visual.spatial_merge_unit
-        groups = []
-        for call, capture in enumerate(captures):
-            hidden, grid_thw = capture["hidden"], capture["grid_thw"]
-            window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                                      window_size=visual.window_size, patch_size=visual.patch_size)
-            window_index = window_index.to(hidden.device)
-            received = qwen_received_attention(block, hidden, capture["cu_seqlens"], capture["position_embeddings"],
-                                               chunk_bytes)  # [T]
-            _, keys = qwen_block_qk(block, hidden, capture["position_embeddings"])  # [T, H, hd]
-            scores = merge_units(received, window_index, unit)  # [T / 4]
-            keys = merge_units(keys.mean(dim=1), window_index, unit)  # [T / 4, hd]
-            start = 0
-            for item, (frames, height, width) in enumerate(grid_thw.tolist()):
-                size = height * width // unit
-                for frame in range(frames):
-                    groups.append(GroupSignals(GroupSource(call, item, frame), scores[start:start + size],
-                                               keys[start:start + size]))
-                    start += size
-        return groups
-
-
-SOURCES: dict[str, SignalSource] = {source.family: source for source in (ClipSource(), QwenWindowedSource())}
-
-
-def signal_source(family: str) -> SignalSource:
-    if family not in SOURCES:
-        raise ValueError(f"no vision signals for model family {family!r}; available: {', '.join(sorted(SOURCES))}")
-    return SOURCES[family]
-
-
 class VisionTrace:
     """Capture what the vision encoder computes in the forward calls made inside ``with``; signals on demand.
 
         with VisionTrace(model, "llava") as trace:
             model(**inputs)
-        groups = trace.groups()  # computed now, once: list[GroupSignals]
+        groups = trace.groups()  # computed now, once: list[GroupSignals] in encoder order
 
-    The hooks only keep references to the capture layer's inputs (and, on LLaVA, its output); they are removed
-    on exit, even on error. ``chunk_bytes`` bounds the float32 score block materialised at once.
+    The family's own ``SignalSource`` (what ``tokenprune.apply`` installs for methods that need the signals); the
+    hooks only keep references to the capture layer's inputs and are removed on exit, even on error.
+    ``chunk_bytes`` bounds the float32 score block materialised at once.
     """
 
     def __init__(self, model, family: str, chunk_bytes: int = SCORE_CHUNK_BYTES):
+        from .base import adapter_named
+
         self.model = model
-        self.source = signal_source(family)
+        self.source: SignalSource = adapter_named(family).vision_signal_source(model)
         self.chunk_bytes = chunk_bytes
         self.captures: list[dict] = []
         self._handles: list = []

@@ -268,7 +268,7 @@ def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=No
 
     cache_hook = model.register_forward_hook(remember_cache, with_kwargs=True)
     try:
-        with torch.no_grad(), apply(model, method) as session:
+        with torch.no_grad(), apply(model, method, questions=getattr(inputs, "questions", None)) as session:
             start = clock.now()
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=eos_token_id, pad_token_id=eos_token_id)
