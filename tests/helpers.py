@@ -214,6 +214,8 @@ def assert_cached_decoding_equals_recompute(vlm, inputs, out, method: Method, st
             recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
         torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)
         assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+
+
 def layers_by_hand(vlm, hidden, positions, side: dict, layers: range) -> torch.Tensor:
     """The stock decoder layers ``layers`` on ``hidden`` ``[1, L, d]`` (SDPA's own causal rule: no mask), with the
     model's own rotary tables of ``positions`` ``[1, P, L]`` and the side inputs added at their layers' inputs."""

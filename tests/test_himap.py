@@ -25,8 +25,8 @@ import tokenprune.engine.driver as driver_module
 import tokenprune.engine.scores as scores_module
 from conftest import (FAMILIES, hook_snapshot, make_image, make_sample, sharpen_queries_and_keys, stock_logits,
                       takes_video, tiny_vlm)
-from helpers import (Replay, current_rows, eager_attentions, forced_choice, forced_generation, prompt_so_far,
-                     topk_original)
+from helpers import (Replay, assert_cached_decoding_equals_recompute, current_rows, eager_attentions, forced_choice,
+                     forced_generation, topk_original)
 from tokenprune.engine.compat import output_cache
 from tokenprune.engine.flops import DecoderShape, paper_flops
 from tokenprune.models.llava import llava15_config
@@ -354,14 +354,7 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, kind):
     torch.testing.assert_close(out.logits[0], uncached, rtol=1e-5, atol=1e-5)  # fp32 kernel differences only
     assert forced_choice(vlm, uncached) == int(out.sequences[0, inputs["input_ids"].shape[1]])
 
-    prompt_length = inputs["input_ids"].shape[1]
-    replay = Replay(kept=cached_report.kept)
-    for step in range(new_tokens):
-        extended = prompt_so_far(inputs, out.sequences, step)
-        with torch.no_grad(), tp.apply(vlm.model, replay):
-            recomputed = vlm.model(**extended, use_cache=False).logits[:, -1]
-        torch.testing.assert_close(out.logits[step], recomputed, rtol=1e-5, atol=1e-5)
-        assert forced_choice(vlm, recomputed) == int(out.sequences[0, prompt_length + step])
+    assert_cached_decoding_equals_recompute(vlm, inputs, out, Replay(kept=cached_report.kept), new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
