@@ -161,11 +161,11 @@ def mp4(tmp_path_factory):
     return dataset[0]
 
 
-def prepare_video(vlm, sample):
+def prepare_video(vlm, sample, method=None):
     options, vlm.options = vlm.options, vlm.adapter.check_options(
         {"video": {"nframes": 8, "min_pixels": 112 * 112, "max_pixels": 112 * 112}})
     try:
-        return vlm.prepare(sample)
+        return vlm.prepare(sample, method)
     finally:
         vlm.options = options
 
@@ -208,14 +208,20 @@ def test_every_method_runs_on_a_real_mp4_with_timestamps(mp4, name):
     vlm = tiny_vlm(NAME)
     inputs = prepare_video(vlm, mp4)
     fields = {"prunevid": {"stage2_layer": 2}, "pdrop": {"layers": [1, 2, 3]}, "himap": {"image_layer": 4},
-              "layerskip": {"mlp": [2, 3], "attn": [3]},
+              "layerskip": {"mlp": [2, 3], "attn": [3]}, "sparsevlm": {"layers": [2, 3, 4]},
               "vispruner": {"budget": 32}}.get(name, {})  # its default 64 tokens would keep this video's 64
-    with torch.no_grad(), tp.apply(vlm.model, name, **fields) as session:
+    method = tp.methods.create(name, **fields)
+    n = inputs.layout.num_visual
+    if method.uses_before_processor:  # downsample: the method prepares the video its way (smaller frames)
+        inputs = prepare_video(vlm, mp4, method)
+        assert inputs.layout.num_visual < n and inputs.stats["native_visual_tokens"] == n
+    with torch.no_grad(), tp.apply(vlm.model, method) as session:
         out = vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     report = session.last_report
-    n = inputs.layout.num_visual
-    if name == "prunevid":
+    if method.uses_before_processor:
+        assert report is None  # no decoder hook: the stock decoder on the smaller input
+    elif name == "prunevid":
         assert report.visual_entering_decoder < n and report.layer_visual[-1] < report.visual_entering_decoder
     elif name != "layerskip":
         assert report.layer_visual[-1] < n
