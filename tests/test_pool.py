@@ -112,6 +112,19 @@ def test_weights_reproduce_the_values_and_side_inputs_pool_alike():
     assert plan_grid((1, 5, 6), "max").apply(side).shape == (9, 2, 3)
 
 
+def test_sparse_entries_are_the_separable_window_weights():
+    """``entries()`` (what the engine hands on: never the dense [n_out, n] matrix) = the non-zeros of the Kronecker
+    product of the per-axis weights, bitwise, in every mode."""
+    for shape, fields in (((1, 5, 7), dict(stride=2)), ((3, 4, 6), dict(stride=3, t_stride=2)),
+                          ((1, 24, 24), dict(fraction=128 / 576)), ((1, 7, 7), dict(mode="bilinear", stride=2)),
+                          ((2, 5, 5), dict(mode="max", stride=2))):
+        pooling = plan_grid(shape, **fields)
+        wt, wh, ww = pooling.axis_weights()
+        dense = torch.kron(torch.kron(wt, wh), ww)
+        out, member = dense.nonzero(as_tuple=True)
+        assert [x.tolist() for x in pooling.entries()] == [out.tolist(), member.tolist(), dense[out, member].tolist()]
+
+
 def test_mean_positions_by_hand():
     pooling = plan_grid((1, 3, 3), "avg", stride=2)  # windows rows/cols (0, 2), (2, 3)
     positions = torch.arange(10, 19)[None]  # 1-D positions of the 9 cells

@@ -116,8 +116,23 @@ class GridPooling:
 
     def weights(self) -> torch.Tensor:
         """``[n_out, n]`` float64: pooled row = weights @ rows (avg, bilinear); for max, the window means."""
-        wt, wh, ww = self.axis_weights()
-        return torch.kron(torch.kron(wt, wh), ww)
+        out, member, weight = self.entries()
+        dense = torch.zeros(self.num_out, self.shape[0] * self.shape[1] * self.shape[2], dtype=torch.float64)
+        dense[out, member] = weight
+        return dense
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The non-zero entries of ``weights()`` without building it (``[E]`` each: output row, member cell in raster
+        order, float64 weight = the product of the per-axis weights), output-major then member order."""
+        t_out, h_out, w_out = self.out_shape
+        _, h, w = self.shape
+        (ot, mt), (oh, mh), (ow, mw) = (weight.nonzero(as_tuple=True) for weight in self.axis_weights())
+        wt, wh, ww = (weight[o, m] for weight, o, m in zip(self.axis_weights(), (ot, oh, ow), (mt, mh, mw)))
+        out = ((ot[:, None, None] * h_out + oh[None, :, None]) * w_out + ow[None, None, :]).flatten()
+        member = ((mt[:, None, None] * h + mh[None, :, None]) * w + mw[None, None, :]).flatten()
+        weight = (wt[:, None, None] * wh[None, :, None] * ww[None, None, :]).flatten()
+        order = torch.argsort(out * (h * w * self.shape[0]) + member)
+        return out[order], member[order], weight[order]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Pool ``x`` ``[t·h·w, *F]`` (raster rows of the grid) → ``[t'·h'·w', *F]`` in x's dtype.
@@ -155,8 +170,10 @@ def plan_grid(shape: tuple[int, int, int], mode: str = "avg", stride: int | None
 # ----------------------------------------------------------------------------------------------------------
 def mean_positions(positions: torch.Tensor, pooling: GridPooling) -> torch.Tensor:
     """``[P, n_out]``: rounded (half to even) weighted mean of each window's positions ``[P, n]``."""
-    weights = pooling.weights()  # [n_out, n] float64, rows sum to 1
-    return torch.round(positions.double() @ weights.T).to(positions.dtype)
+    out, member, weight = pooling.entries()  # rows of the window weights sum to 1
+    means = torch.zeros(positions.shape[0], pooling.num_out, dtype=torch.float64, device=positions.device)
+    means.index_add_(1, out.to(positions.device), positions[:, member].double() * weight.to(positions.device))
+    return torch.round(means).to(positions.dtype)
 
 
 def grid_positions(positions: torch.Tensor, sources: list[tuple[int, int, GridPooling]]) -> torch.Tensor:
@@ -283,11 +300,10 @@ class Pool(Method):
             rows = torch.cat(group_rows)
             first = layout.groups[groups[0]]
             pooling = self.plan((len(groups), first.rows, first.cols), fraction)
-            window = pooling.weights().to(device)  # [n_out, n] float64
-            out, member = window.nonzero(as_tuple=True)
+            out, member, weight = (x.to(device) for x in pooling.entries())  # [E] each, never [n_out, n]
             sources.append(rows[member])
             into.append(out + count)
-            weights.append(window[out, member].float())
+            weights.append(weight.float())
             starts = torch.stack([group_rows[start][0] for start, _ in pooling.windows[0]])  # [t'] first rows
             anchor.append(starts.repeat_interleave(pooling.num_out // len(starts)))
             values.append(pooling.apply(embeds[rows]))
