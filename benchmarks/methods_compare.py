@@ -134,6 +134,16 @@ def _measure(limit: int, groups: tuple[str, ...]) -> dict:
     return {"runs": runs, "records": records}
 
 
+def compare_override(specs: list[dict]) -> str:
+    """The ``run.compare=[...]`` command-line override of ``specs`` (each ``{name: ..., field: value, ...}``)."""
+    def value(v):
+        return "[" + ", ".join(value(x) for x in v) + "]" if isinstance(v, list) else json.dumps(v).strip('"')
+
+    entries = ["{" + ", ".join(f"{k}: {value(spec[k])}" for k in ["name", *sorted(set(spec) - {"name"})]) + "}"
+               for spec in specs]
+    return "run.compare=[" + ", ".join(entries) + "]"
+
+
 def combined(data: dict, model: str) -> tuple[list[dict], dict[str, str]]:
     """The model's records with every run's methods merged per sample (the unpruned model's from the first run;
     the others must agree with it), and each spec's label (by its JSON)."""
@@ -202,8 +212,7 @@ def render(data: dict) -> str:
     commands = []
     for name, run in sorted(data["runs"].items(), key=lambda item: (MODELS.index(item[1]["model"]),
                                                                     GROUPS.index(item[0].split("/")[1]))):
-        compare = json.dumps(run["specs"], separators=(",", ":")).replace('"', "")
-        commands.append("python -m tokenprune " + " ".join(run["overrides"]) + f" 'run.compare={compare}'")
+        commands.append("python -m tokenprune " + " ".join(run["overrides"]) + f" '{compare_override(run['specs'])}'")
     return "```bash\n" + "\n".join(commands) + "\n```\n\n" + "\n\n".join(out)
 
 

@@ -29,6 +29,18 @@ def test_the_document_holds_what_the_committed_records_render_to(committed):
         methods_compare.combined(committed, model)
 
 
+def test_the_documented_commands_compose_to_the_measured_methods(committed):
+    from hydra import compose, initialize_config_module
+
+    from tokenprune.run.runner import build_plan
+
+    for run in committed["runs"].values():
+        override = methods_compare.compare_override(run["specs"])
+        with initialize_config_module("tokenprune.conf", version_base=None):
+            cfg = compose("config", overrides=["run.progress=false", *run["overrides"], override])
+        assert list(build_plan(cfg, resolve_output_dir=False).methods) == run["labels"]
+
+
 def test_every_method_is_in_the_comparison():
     import tokenprune as tp
 
