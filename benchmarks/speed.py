@@ -45,6 +45,7 @@ if str(HERE) not in sys.path:
 
 import tokenprune as tp  # noqa: E402
 from tokenprune.engine.flops import DecoderShape, all_conventions  # noqa: E402
+from tokenprune.methods.pdrop import stage_boundaries  # noqa: E402
 from tokenprune.run.measure import release_memory  # noqa: E402
 from tokenprune.run.runner import method_label  # noqa: E402
 
@@ -80,7 +81,7 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
     """
     if name == "baseline":
         return []
-    quarter = [max(1, round(num_layers * i / 4)) for i in (1, 2, 3)]
+    quarter = stage_boundaries(num_layers)  # i * floor(L / 4): 8, 16, 24 on 32 layers
     configs = []
     for r in budgets:
         if name in ("fastv", "random", "uniform"):

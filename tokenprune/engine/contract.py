@@ -479,17 +479,20 @@ class PrefillStep:
     ``hidden``: ``[1, L, d]`` the hidden states entering ``layer`` (side inputs of that layer already added);
     ``positions``: ``[1, P, L]``; ``layout``: the current TokenLayout. ``attention(...)`` computes attention
     probabilities lazily from a layer's own projections (the family's attention math), for the needed query rows
-    only. Decoding steps never call ``select``.
+    only. ``reindex_positions``: whether the model family defines contiguous re-numbering of the survivors
+    (``ModelInfo.reindex_positions``; 1-D RoPE), so a method can choose its positions per call. Decoding steps never
+    call ``select``.
     """
 
     def __init__(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, layout: TokenLayout,
-                 scorer: Callable[..., torch.Tensor], stats: dict):
+                 scorer: Callable[..., torch.Tensor], stats: dict, reindex_positions: bool = False):
         self.layer = layer
         self.hidden = hidden
         self.positions = positions
         self.layout = layout
         self._scorer = scorer
         self.stats = stats
+        self.reindex_positions = reindex_positions
 
     def attention(self, layer: int | None = None, queries: str | torch.Tensor = "last",
                   keys: str | torch.Tensor = "visual", rope: bool = True, causal: bool = True, heads: str = "mean",

@@ -360,7 +360,8 @@ class Driver:
                                             reduce=reduce, chunk_bytes=self._score_budget(source))
             return probs[0]
 
-        return PrefillStep(index, hidden, positions, seq.layouts[b], scorer, call.report.stats)
+        return PrefillStep(index, hidden, positions, seq.layouts[b], scorer, call.report.stats,
+                           reindex_positions=self.family.reindex_positions)
 
     def _score_budget(self, hidden: torch.Tensor) -> int:
         """Bytes of one score block: the size of the layer's own MLP activation for this sequence, so scoring

@@ -3,6 +3,12 @@
 Card: ``shared/methods/pdrop.md``. At the input of layer ``l_s`` the last prompt token's head-mean attention,
 recomputed with layer ``l_s``'s own projections on its input, ranks the surviving visual tokens; the top
 ``floor(N * r_s)`` of the original N survive (nested sets).
+
+Positions (``positions``): ``auto`` (default) is the official algorithm wherever it is defined — the LLaVA code
+re-numbers the survivors contiguously after every drop and shifts decode positions to match (``reindex``) — and
+keeps the original 3-D positions on mRoPE models, where re-numbering has no reference (a tokenprune extension).
+``keep`` (original positions on every model: a labelled variant on 1-D RoPE) and ``reindex`` (1-D RoPE only) can
+be chosen explicitly.
 """
 
 from __future__ import annotations
@@ -13,12 +19,22 @@ from .base import (PrefillStep, Method, ModelInfo, Reduction, check_choice, chec
                    register, topk_rows)
 
 
+POSITIONS = ("auto", "keep", "reindex")
+
+
+def stage_boundaries(num_layers: int, stages: int = 4) -> list[int]:
+    """The paper's boundaries scaled to a decoder of ``num_layers``: ``i * floor(L / stages)`` for i = 1..stages-1
+    (at least 1 apart; boundaries past the last layer are dropped). 32 layers: 8, 16, 24; 28: 7, 14, 21; 6: 1, 2, 3."""
+    step = max(1, num_layers // stages)
+    return [i * step for i in range(1, stages) if i * step < num_layers]
+
+
 @register("pdrop")
 @dataclass
 class PDrop(Method):
     layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])
-    positions: str = "keep"  # "keep": original positions; "reindex": contiguous after each drop (1-D RoPE only)
+    positions: str = "auto"  # "auto": reindex on 1-D RoPE (official), keep on mRoPE; "keep"; "reindex" (1-D only)
 
     def __post_init__(self):
         self.layers, self.ratios = list(self.layers), list(self.ratios)
@@ -32,14 +48,14 @@ class PDrop(Method):
             check_ratio(self.name, f"ratios[{i}]", ratio)
         if any(b > a for a, b in zip(self.ratios, self.ratios[1:])):
             raise ValueError(f"pdrop.ratios must be non-increasing, got {self.ratios}")
-        check_choice(self.name, "positions", self.positions, ("keep", "reindex"))
+        check_choice(self.name, "positions", self.positions, POSITIONS)
 
     def validate(self, model: ModelInfo) -> None:
         for i, layer in enumerate(self.layers):
             check_layer(self.name, f"layers[{i}]", layer, model)
         if self.positions == "reindex" and not model.reindex_positions:
             raise ValueError("pdrop.positions='reindex' is defined for 1-D RoPE only (LLaVA); "
-                             f"this model uses {model.rope}: use positions='keep'")
+                             f"this model uses {model.rope}: use positions='keep' or 'auto'")
 
     def prune_layers(self, layout) -> list[int]:
         return list(self.layers)
@@ -49,4 +65,9 @@ class PDrop(Method):
         visual = step.layout.visual_rows()
         k = min(visual.numel(), keep_count(step.layout.original_num_visual, self.ratios[stage], "floor"))
         scores = step.attention(layer=step.layer, queries="last", keys="visual")[0]  # [n_visual]
-        return step.keep_visual(topk_rows(scores, visual, k), reindex_positions=self.positions == "reindex")
+        return step.keep_visual(topk_rows(scores, visual, k), reindex_positions=self.reindexes(step.reindex_positions))
+
+    def reindexes(self, defined: bool) -> bool:
+        """Whether the survivors are re-numbered contiguously, on a model where re-numbering is ``defined`` (1-D RoPE)
+        or not (mRoPE: ``auto`` keeps the original positions there)."""
+        return self.positions == "reindex" or (self.positions == "auto" and defined)

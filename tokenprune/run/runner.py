@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .. import methods as method_registry
 from ..data import available_datasets, create_dataset
+from ..methods.pdrop import stage_boundaries
 from ..models import adapter_named, available_models, load_model, model_options, model_spec
 from .measure import measure_generation, release_memory
 from .results import SUMMARY_FILE, ResultStore, format_table, read_records, summarize
@@ -81,9 +82,7 @@ def _compact(value) -> str:
 
 def embedded_comparison(num_layers: int) -> list[dict]:
     """Method specs of the embedded comparison table (random, uniform, FastV, PDrop at three budgets)."""
-    quarter = max(1, num_layers // 4)
-    pdrop_layers = sorted({max(1, quarter), max(2, 2 * quarter), max(3, 3 * quarter)})
-    pdrop_layers = [layer for layer in pdrop_layers if layer < num_layers][:3]
+    pdrop_layers = stage_boundaries(num_layers)
     specs = []
     for ratio in EMBEDDED_KEEP_RATIOS:
         specs += [{"name": "random", "keep_ratio": ratio}, {"name": "uniform", "keep_ratio": ratio},
