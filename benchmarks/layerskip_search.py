@@ -13,14 +13,20 @@ is everything after it; "forwards" counts the policy forwards (candidate scores 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import tokenprune as tp
 from tokenprune.calibrate.layerskip import Calibration, search
 from tokenprune.data import create_dataset
+from tokenprune.methods.layerskip import SkipPolicy
 from tokenprune.models.zoo.checkpoints import packaged_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tables import load, meta, source, table  # noqa: E402  (registers this script's tables; see benchmarks/tables.py)
 
 
 def load_default(name: str, device: str = "cpu"):
@@ -41,10 +47,11 @@ def run(name: str, n_samples: int, budget: float, beam_width: int, answer_tokens
     return {"model": name, "weights": weights, "samples": n_samples, "budget": budget, "beam": beam_width,
             "rounds": len(result.rounds), "forwards": result.calibration["forwards"],
             "answers_s": answered - started, "search_s": finished - answered, "total_s": finished - started,
-            "policy": result.policy, "score": result.score, "cost": result.cost}
+            "policy": result.policy, "score": result.score, "cost": result.cost,
+            "positions": result.calibration.get("positions")}
 
 
-def table(rows: list[dict]) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["| model | weights | samples | budget | beam | rounds | forwards | answers s | search s | total s | "
              "policy (MLP; attn) | score | cost |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -71,8 +78,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [run(name, args.n_samples, args.budget, args.beam_width, args.answer_tokens, args.min_layer)
             for name in args.models]
     print(f"Layer-skip policy search, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}\n")
-    print(table(rows))
+    print(markdown(rows))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated tables (docs/methods/layerskip.md): python benchmarks/tables.py layerskip_search
+# ---------------------------------------------------------------------------------------------------------
+SEARCH = dict(n_samples=20, budget=4, beam_width=1, answer_tokens=10, min_layer=3)
+
+
+@source("layerskip_search", volatile=("answers_s", "search_s", "total_s"))
+def layerskip_search(quick: bool) -> dict:
+    """The policy search on both trained tiny models (20 samples, budget 4); quick: the stored policies' scores."""
+    records = []
+    if quick:  # re-score each committed policy on the same calibration samples (the search itself takes minutes)
+        for stored in load("layerskip_search")["records"]:
+            torch.manual_seed(0)
+            vlm, _ = load_default(stored["model"])
+            dataset = create_dataset("synthetic_image", split="train", n_samples=SEARCH["n_samples"])
+            calibration = Calibration(vlm, list(dataset), answer_tokens=SEARCH["answer_tokens"])
+            policy = SkipPolicy.from_mapping(stored["policy"], "stored policy")
+            records.append({"key": stored["key"], "score": calibration.score(policy)})
+        return {"meta": meta("quick"), "records": records}
+    for name in ("tiny_llava", "tiny_qwen25vl"):
+        row = run(name, **SEARCH)
+        records.append({**{k: v for k, v in row.items() if k != "policy"}, "key": name,
+                        "policy": row["policy"].to_dict()})
+    return {"meta": meta("python benchmarks/layerskip_search.py"), "records": records}
+
+
+def _rows(data: dict) -> list[dict]:
+    return [{**r, "policy": SkipPolicy.from_mapping(r["policy"], "stored policy")} for r in data["records"]]
+
+
+@table("layerskip_search", source="layerskip_search")
+def layerskip_search_table(data: dict) -> str:
+    return markdown(_rows(data))
+
+
+@table("layerskip_search_example", source="layerskip_search")
+def layerskip_search_example(data: dict) -> str:
+    row = next(r for r in _rows(data) if r["model"] == "tiny_llava")
+    output = f"layerskip-tiny_llava-synthetic_image-budget{row['budget']:g}.json"
+    return "\n".join([
+        "```", row["policy"].format(),
+        f"Final Score {row['score']:.6g} (mean KL to the original model over {row['positions']} answer positions), "
+        f"cost {row['cost']:g} (budget {row['budget']:g})",
+        f"policy written to {output}",
+        f"evaluate: python -m tokenprune method=layerskip method.policy={output} model=tiny_llava dataset=synthetic_image",
+        "```"])
 
 
 if __name__ == "__main__":

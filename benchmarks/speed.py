@@ -52,7 +52,8 @@ from tokenprune.run.runner import method_label  # noqa: E402
 from _speed_inputs import build_prompt, load_random_model, supports_video  # noqa: E402
 from _speed_measure import (PEER_SCORING_LAYERS, EagerMapScoring, LayerTimer, Schedule,  # noqa: E402
                             eager_attention_maps, ideal_prefill_ms, measure_decode, measure_prefill, measure_vision)
-from _speed_report import write_outputs  # noqa: E402
+from _speed_report import render_markdown, write_outputs  # noqa: E402
+from _tables import source, table  # noqa: E402  (registers this script's table; see benchmarks/tables.py)
 
 PRESETS = {
     "cuda": dict(models=["qwen25vl_7b"], dtype="bfloat16", repeats=10, warmup=2, decode_steps=10,
@@ -360,6 +361,38 @@ def main(argv=None) -> dict:
     print(paths["markdown_text"])
     log(f"wrote {', '.join(str(p) for k, p in paths.items() if k != 'markdown_text')}")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated table (docs/benchmarks.md, CPU section): python benchmarks/tables.py speed_cpu
+# ---------------------------------------------------------------------------------------------------------
+MEASURED = ("prefill_ms", "prefill_ms_all", "overhead_ms", "peak_bytes", "extra_peak_bytes", "memory_kind", "decode_ms",
+            "decode_stock_ms", "wall_s", "vision_ms", "ideal_ms", "prefill_vs_ideal", "overhead_pct", "decode_vs_stock",
+            "ttft_ms", "ttft_ideal_ms", "speedup", "ideal_speedup", "ttft_speedup", "ttft_speedup_bound",
+            "peak_vs_baseline", "extra_peak_vs_baseline")
+
+
+@source("speed_cpu", volatile=MEASURED)
+def speed_cpu(quick: bool) -> dict:
+    """The speed benchmark on CPU (tiny architectures); quick: N = 144 with one repeat (token counts, KV cache)."""
+    import tempfile
+
+    argv = ["--device", "cpu", "--no-plot"] + (["--lengths", "144", "--repeats", "1", "--warmup", "0",
+                                                 "--decode-steps", "1"] if quick else [])
+    with tempfile.TemporaryDirectory() as out:
+        results = main([*argv, "--out", out])
+    results["meta"]["command"] = "python benchmarks/speed.py --device cpu"
+    records = []
+    for row in results["rows"]:
+        where = f"{row['input']}/{row['visual_tokens']}" if row["status"] != "skipped" else "skipped"
+        records.append({**row, "key": f"{row['model']}/{where}/{row['label']}"})
+    return {"meta": results["meta"], "records": records}
+
+
+@table("speed_cpu", source="speed_cpu")
+def speed_cpu_table(data: dict) -> str:
+    rows = [{k: v for k, v in r.items() if k != "key"} for r in data["records"]]
+    return render_markdown({"meta": data["meta"], "rows": rows}, level=2, title=False)
 
 
 if __name__ == "__main__":
