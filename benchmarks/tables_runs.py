@@ -3,7 +3,7 @@
 Each source runs the documented commands through the runner (the same code path as the command line) and keeps
 every sample's record (prediction, score, token counts, FLOPs; timings only where a table shows them). The tables
 are computed from those records with the runner's own summary (``tokenprune.run.results.summarize``), so a
-committed number is always what its records give. ``quick=True`` re-runs the first two samples of every run.
+committed number is always what its records give. ``quick=True`` re-runs the first sample of every run.
 
     python benchmarks/tables.py embedded himap_tiny     # re-measure these sources, re-render every table
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _tables import meta, source, table
 
-QUICK_SAMPLES = 2
+QUICK_SAMPLES = 1
 SAMPLES = 200  # held-out samples of the method tables
 RUN_KEYS = ("prediction", "score", "error", "visual_tokens", "visual_tokens_layer_mean", "tokens_layer_mean",
             "method_stats")
@@ -84,7 +84,7 @@ def summary(data: dict, run: str) -> dict:
     from tokenprune.run.results import summarize
 
     info = data["runs"][run]
-    records = [r for r in data["records"] if r["run"] == run]
+    records = [r for r in data["records"] if r.get("run") == run]
     scorer = create_dataset(info["dataset"]).scorer
     return summarize(records, info["labels"], scorer, "baseline" if "baseline" in info["labels"] else None)
 
@@ -92,7 +92,7 @@ def summary(data: dict, run: str) -> dict:
 def per_task(data: dict, run: str, label: str, key: str = "task") -> dict[str, float]:
     groups = defaultdict(list)
     for record in data["records"]:
-        if record["run"] == run and record["runs"].get(label, {}).get("score") is not None:
+        if record.get("run") == run and record["runs"].get(label, {}).get("score") is not None:
             groups[record["meta"].get(key)].append(record["runs"][label]["score"])
     return {task: 100.0 * sum(scores) / len(scores) for task, scores in groups.items()}
 
@@ -140,6 +140,26 @@ def embedded_table(data: dict) -> str:
     run = data["runs"]["embedded"]
     title = f"{run['dataset']} · {run['model']} · {run['samples']} samples"
     return "```text\n" + format_table(summary(data, "embedded"), title) + "\n```"
+
+
+@table("embedded_trend", source="embedded")
+def embedded_trend(data: dict) -> str:
+    entries = summary(data, "embedded")
+    names = {"random": "random", "uniform": "uniform", "fastv": "FastV", "pdrop": "PDrop"}
+    trends: dict[str, dict[float, float]] = {}
+    ratios = set()
+    for label, entry in entries.items():
+        method = label.split("(")[0]
+        if method not in names:
+            continue
+        ratio = float((_field(label, "keep_ratio") or (_field(label, "ratios") or "[0.5").strip("[").split(",")[0]))
+        trends.setdefault(method, {})[ratio] = accuracy(entry)
+        ratios.add(ratio)
+    order = sorted(ratios, reverse=True)
+    base = accuracy(entries["baseline"])
+    parts = [f"{names[m]} {base:.1f} → " + " → ".join(f"{trends[m][r]:.1f}" for r in order) for m in names if m in trends]
+    return (f"Accuracy as the keep ratio falls (100 / {' / '.join(f'{100 * r:g}' for r in order)} %): "
+            + ", ".join(parts) + ".")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,13 +343,13 @@ PRUNEVID_RUNS = {
 }
 PRUNEVID_ROWS = [  # (run, label, docs row, README row)
     ("stages", "baseline", "baseline", "baseline"),
-    ("stages", "prunevid(stage2=False)", "stage 1 (segments {segments}, static {static})", "stage 1"),
+    ("stages", "prunevid(stage2=False,stage2_layer=2)", "stage 1 (segments {segments}, static {static})", "stage 1"),
     ("stages", "prunevid(stage1=False,stage2_layer=2)", "stage 2 after layer 2", "stage 2"),
     ("stages", "prunevid(stage2_layer=2)", "stage 1 + 2 after layer 2", "stage 1 + 2"),
     ("stages", "prunevid(stage2_layer=1)", "stage 1 + 2 after layer 1", None),
     ("stages", "prunevid(stage1=False,stage2_layer=1)", "stage 2 after layer 1", None),
-    ("halves", "prunevid(cluster_ratio=1.0,stage2=False)", "stage 1, temporal merging only (`cluster_ratio=1.0`)", None),
-    ("halves", "prunevid(stage2=False,tau=2.0)", "stage 1, spatial merging only (`tau=2.0`)", None),
+    ("halves", "prunevid(cluster_ratio=1.0,stage2=False,stage2_layer=2)", "stage 1, temporal merging only (`cluster_ratio=1.0`)", None),
+    ("halves", "prunevid(stage2=False,stage2_layer=2,tau=2.0)", "stage 1, spatial merging only (`tau=2.0`)", None),
 ]
 
 
