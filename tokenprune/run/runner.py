@@ -23,7 +23,7 @@ from .. import methods as method_registry
 from ..data import available_datasets, create_dataset
 from ..methods.pdrop import stage_boundaries
 from ..models import adapter_named, available_models, load_model, model_options, model_spec
-from .measure import measure_generation, release_memory
+from .measure import cut_at_stop, end_of_turn_ids, measure_generation, release_memory
 from .results import SUMMARY_FILE, ResultStore, format_table, read_records, summarize
 
 log = logging.getLogger("tokenprune")
@@ -217,7 +217,7 @@ def run_benchmark(cfg: DictConfig, command_has_arguments: bool = True, plan: Pla
         except ValueError as error:
             raise ConfigError(f"{label}: {error}") from error
     sink = _make_sink(plan, cfg)
-    eos = getattr(vlm.processor.tokenizer, "eos_token_id", None) if vlm.processor is not None else None
+    eos = end_of_turn_ids(vlm) or None
     labels = list(plan.methods)
     main_label = labels[1] if plan.paired and len(labels) > 1 else labels[0]
     running = {"correct": 0.0, "n": 0}
@@ -284,14 +284,15 @@ def run_sample(vlm, plan: Plan, index: int, eos) -> dict:
 
 def run_method(vlm, inputs, method, sample, plan: Plan, eos) -> dict:
     try:
-        measured = measure_generation(vlm, inputs, method, plan.max_new_tokens, eos_token_id=eos)
+        measured = measure_generation(vlm, inputs, method, plan.max_new_tokens, eos_token_id=eos,
+                                      stop_strings=plan.dataset.stop)
     except Exception as error:  # out of memory, generation error: record and go on
         release_memory()
         text = _describe(error)
         log.warning("sample %s, %s: %s", sample.id, method.name, text)
         log.debug("".join(traceback.format_exception(error)))
         return {"prediction": None, "score": None, "error": text}
-    prediction = vlm.decode(measured.output_ids[0])
+    prediction = cut_at_stop(vlm.decode(measured.output_ids[0]), plan.dataset.stop)
     metrics = measured.metrics
     run = {"prediction": prediction, "score": float(plan.dataset.scorer.score(prediction, sample)), "error": None,
            "timing": {k: metrics.pop(k) for k in TIMING_KEYS},
