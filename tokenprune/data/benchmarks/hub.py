@@ -81,6 +81,13 @@ def _load_local(owner: str, path: Path, config: str | None, split: str, config_r
     return builder.as_dataset(split=split)
 
 
+def local_configs(path: Path) -> tuple[str, ...]:
+    """The configs a downloaded hub repository declares (its README); () for a file or a save_to_disk copy."""
+    if not path.is_dir() or is_saved(path):
+        return ()
+    return _config_names(str(path), _cache_dir(path))
+
+
 @functools.lru_cache(maxsize=32)
 def _config_names(path: str, cache_key: str) -> tuple[str, ...]:
     """The configs of a local copy (``cache_key`` changes with its files), read once for MVBench's 20 tasks."""
