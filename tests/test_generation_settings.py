@@ -96,3 +96,35 @@ def test_generation_stops_at_a_stop_string(trained_llava):
     stopped = measure_generation(vlm, inputs, "baseline", max_new_tokens=8, eos_token_id=eos, stop_strings=[answer])
     assert stopped.output_ids.shape[1] == 1  # stopped as soon as the text ended with the stop string
     assert cut_at_stop(vlm.decode(stopped.output_ids[0]), [answer]).strip() == ""
+
+
+def _cells(markdown: str, header: str, column: str) -> dict[str, str]:
+    """``dataset name -> cell`` of one column of the Markdown table whose header row starts with ``header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    cells = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        values = [c.strip() for c in line.strip("|").split("|")]
+        cells[values[0].strip("`")] = values[names.index(column)]
+    return cells
+
+
+def test_the_dataset_tables_state_each_benchmarks_settings():
+    import dataclasses
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for document in ("README.md", "docs/datasets.md"):
+        cells = _cells((root / document).read_text(), "| config name (`dataset=`) |", "generation: max new tokens, stop")
+        for name, (max_new_tokens, stop, _) in LMMS_EVAL.items():
+            assert cells[name] == f"{max_new_tokens}" + (", stop " + ", ".join(f"`{s}`" for s in stop) if stop else ""), \
+                (document, name)
+    sources = _cells((root / "docs/datasets.md").read_text(), "| `dataset=` | `max_new_tokens` |",
+                     "lmms-eval task file (`EvolvingLMMs-Lab/lmms-eval`)")
+    limits = _cells((root / "docs/datasets.md").read_text(), "| `dataset=` | `max_new_tokens` |", "`max_new_tokens`")
+    for name, (max_new_tokens, _, source) in LMMS_EVAL.items():
+        assert sources[name].startswith(f"`lmms_eval/tasks/{source}`") and limits[name] == str(max_new_tokens)
+    assert {f.name for f in dataclasses.fields(dataset_class("mmmu_val"))} >= {"max_new_tokens", "stop"}

@@ -283,3 +283,5 @@ class MMMUVal(MMMU):
 @dataclass
 class MMMUDev(MMMU):
     split: str = "dev"
+
+    generation_note = "lmms-eval has no dev task: the settings of its MMMU template"
