@@ -93,19 +93,28 @@ def layerskip_search(quick: bool) -> dict:
     """The policy search on both trained tiny models (20 samples, budget 4); quick: the stored policies' scores."""
     records = []
     if quick:  # re-score each committed policy on the same calibration samples (the search itself takes minutes)
-        for stored in load("layerskip_search")["records"]:
-            torch.manual_seed(0)
-            vlm, _ = load_default(stored["model"])
-            dataset = create_dataset("synthetic_image", split="train", n_samples=SEARCH["n_samples"])
-            calibration = Calibration(vlm, list(dataset), answer_tokens=SEARCH["answer_tokens"])
-            policy = SkipPolicy.from_mapping(stored["policy"], "stored policy")
-            records.append({"key": stored["key"], "score": calibration.score(policy)})
-        return {"meta": meta("quick"), "records": records}
+        stored = load("layerskip_search")["records"]
+        scores = calibration_scores([(r["model"], r["policy"]) for r in stored], SEARCH["n_samples"],
+                                    SEARCH["answer_tokens"])
+        return {"meta": meta("quick"), "records": [{"key": r["key"], "score": s} for r, s in zip(stored, scores)]}
     for name in ("tiny_llava", "tiny_qwen25vl"):
         row = run(name, **SEARCH)
         records.append({**{k: v for k, v in row.items() if k != "policy"}, "key": name,
                         "policy": row["policy"].to_dict()})
     return {"meta": meta("python benchmarks/layerskip_search.py"), "records": records}
+
+
+def calibration_scores(policies: list[tuple[str, dict]], n_samples: int, answer_tokens: int) -> list[float]:
+    """The calibration score (mean KL to the original model on the first ``n_samples`` train samples) of each
+    (model name, policy mapping)."""
+    scores = []
+    for model, mapping in policies:
+        torch.manual_seed(0)
+        vlm, _ = load_default(model)
+        dataset = create_dataset("synthetic_image", split="train", n_samples=n_samples)
+        calibration = Calibration(vlm, list(dataset), answer_tokens=answer_tokens)
+        scores.append(calibration.score(SkipPolicy.from_mapping(mapping, "stored policy")))
+    return scores
 
 
 def _rows(data: dict) -> list[dict]:

@@ -75,7 +75,7 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
     """(budget, fields) of each configuration measured for a registered method.
 
     A budget r is the fraction of the visual tokens a method keeps at its first reduction: FastV / random /
-    uniform keep r at layer 2; PDrop keeps r, r/2, r/4 at 1/4, 1/2, 3/4 depth; HiMAP keeps r then r/4; PruneVid
+    uniform keep r at layer 2; PDrop keeps r, r/2, r/4 at i * floor(L / 4); HiMAP keeps r then r/4; PruneVid
     merges to r clusters per group; layer skip runs visual rows through the first r of the layers only (both
     sublayers skipped in the rest). A method not listed here runs at ``keep_ratio=r`` if it has that field,
     else once with its defaults.

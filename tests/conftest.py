@@ -120,3 +120,14 @@ def hook_snapshot(module) -> dict:
     output-capturing hooks on first use; tokenprune must leave exactly what it found)."""
     return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), "forward" in m.__dict__)
             for name, m in module.named_modules()}
+
+
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory):
+    """``load_dataset`` writes the Arrow caches of the tiny benchmark copies to a temporary directory, not ~/.cache."""
+    import datasets
+
+    previous = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    yield cache
+    datasets.config.HF_DATASETS_CACHE = previous

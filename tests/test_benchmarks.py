@@ -19,16 +19,7 @@ from tokenprune.models import ModelInputError
 BENCHMARKS = sorted(fb.BUILDERS)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """``load_dataset`` writes Arrow caches of the tiny copies to a temporary directory, not ~/.cache."""
-    previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = previous
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "datasets_cache")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ worked out by hand below; the one deliberate difference: where MMMU picks a rand
 
 from pathlib import Path
 
-import datasets
 import pytest
 
 import fixtures_benchmarks as fb
@@ -19,12 +18,7 @@ from tokenprune.data.sample import Sample
 OPTIONS = ["$10", "$20", "$30", "$40"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = previous
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 @pytest.fixture(scope="module")
