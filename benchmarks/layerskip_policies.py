@@ -36,8 +36,9 @@ def accuracy(vlm, dataset, policy: SkipPolicy) -> float:
     correct = []
     with torch.no_grad(), tp.apply(vlm.model, LayerSkip.from_policy(policy)):
         for sample in dataset:
-            out = vlm.model.generate(**vlm.prepare(sample), max_new_tokens=dataset.max_new_tokens, do_sample=False)
-            prediction = vlm.decode(out[0, vlm.prepare(sample)["input_ids"].shape[1]:])
+            inputs = vlm.prepare(sample)
+            out = vlm.model.generate(**inputs, max_new_tokens=dataset.max_new_tokens, do_sample=False)
+            prediction = vlm.decode(out[0, inputs["input_ids"].shape[1]:])
             correct.append(dataset.scorer.score(prediction, sample))
     return 100.0 * sum(correct) / len(correct)
 
