@@ -17,6 +17,7 @@ from tokenprune.data.synthetic import SyntheticImageQA
 from tokenprune.run.measure import cut_at_stop, end_of_turn_ids, measure_generation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+BASELINE = tp.methods.create("baseline")
 
 LMMS_EVAL = {  # dataset: (max_new_tokens, stop strings, lmms-eval task file)
     "textvqa_val": (1024, ["ASSISTANT:"], "textvqa/_default_template_textvqa_yaml"),  # no max_new_tokens: llava_hf's 1024
@@ -79,7 +80,7 @@ def test_generation_stops_at_end_of_turn_so_short_answers_cost_nothing_extra(tra
     vlm = trained_llava
     sample = SyntheticImageQA(n_samples=1)[0]
     inputs = vlm.prepare(sample)
-    measured = measure_generation(vlm, inputs, "baseline", max_new_tokens=64, eos_token_id=end_of_turn_ids(vlm))
+    measured = measure_generation(vlm, inputs, BASELINE, max_new_tokens=64, eos_token_id=end_of_turn_ids(vlm))
     ids = measured.output_ids[0].tolist()
     assert len(ids) < 64 and ids[-1] in end_of_turn_ids(vlm)  # one word, then end of turn: nothing more is generated
     assert vlm.decode(measured.output_ids[0]).strip() == sample.answer
@@ -90,10 +91,10 @@ def test_generation_stops_at_a_stop_string(trained_llava):
     sample = SyntheticImageQA(n_samples=1)[0]
     inputs = vlm.prepare(sample)
     eos = end_of_turn_ids(vlm)
-    free = measure_generation(vlm, inputs, "baseline", max_new_tokens=8, eos_token_id=eos)
+    free = measure_generation(vlm, inputs, BASELINE, max_new_tokens=8, eos_token_id=eos)
     assert free.output_ids.shape[1] == 2  # the answer word, then end of turn
     answer = vlm.decode(free.output_ids[0][:1]).strip()
-    stopped = measure_generation(vlm, inputs, "baseline", max_new_tokens=8, eos_token_id=eos, stop_strings=[answer])
+    stopped = measure_generation(vlm, inputs, BASELINE, max_new_tokens=8, eos_token_id=eos, stop_strings=[answer])
     assert stopped.output_ids.shape[1] == 1  # stopped as soon as the text ended with the stop string
     assert cut_at_stop(vlm.decode(stopped.output_ids[0]), [answer]).strip() == ""
 
