@@ -306,6 +306,11 @@ def himap_tiny_table(data: dict) -> str:
              for run in runs]
     note = "\n\nPrefill FLOPs (tokenprune's count, all tokens) against the unpruned run, per column: " + " / ".join(
         "–".join(sorted(values)) for values in flops) + " for every pruned row"
+    video = [r for r in data["records"] if r["run"].endswith("synthetic_video")]
+    yes_no = sum((r["runs"]["himap(image_layer=4)"]["prediction"] or "").strip().lower().split()[:1] in (["yes"], ["no"])
+                 for r in video)
+    note += (f"; on video HiMAP's answer is \"yes\" or \"no\" — an answer to neither video task — for {yes_no} of the "
+             f"{len(video)} questions") if video else ""
     prefix = ("C='" + HIMAP_COMPARE + "'")
     block = "```bash\n" + prefix + "\n" + "\n".join(
         "python -m tokenprune " + " ".join(o for o in run["overrides"] if o != HIMAP_COMPARE) + ' "$C"'
