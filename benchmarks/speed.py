@@ -392,7 +392,10 @@ def speed_cpu(quick: bool) -> dict:
 @table("speed_cpu", source="speed_cpu")
 def speed_cpu_table(data: dict) -> str:
     rows = [{k: v for k, v in r.items() if k != "key"} for r in data["records"]]
-    return render_markdown({"meta": data["meta"], "rows": rows}, level=2, title=False)
+    peers = [r.get("kept_overlap") for r in rows if r.get("variant") == "peer" and r.get("kept_overlap") is not None]
+    overlap = (f"\n\nPeer-style selections against tokenprune's: kept overlap {min(peers):.3f} (lowest) on all "
+               f"{len(peers)} peer rows that select.") if peers else ""
+    return render_markdown({"meta": data["meta"], "rows": rows}, level=2, title=False).rstrip("\n") + overlap
 
 
 if __name__ == "__main__":
