@@ -112,9 +112,9 @@ def delta(entry: dict, brackets: bool = True) -> str:
     return f"{text} [{low}, {high}]" if brackets else text
 
 
-def command_block(data: dict, prefix: str = "") -> str:
-    lines = [prefix] if prefix else []
-    lines += ["python -m tokenprune " + " ".join(_quote(o) for o in run["overrides"]) for run in data["runs"].values()]
+def command_block(data: dict, order: list[str]) -> str:
+    """The commands of the runs named in ``order`` (data files keep their keys sorted)."""
+    lines = ["python -m tokenprune " + " ".join(_quote(o) for o in data["runs"][name]["overrides"]) for name in order]
     return "```bash\n" + "\n".join(lines) + "\n```"
 
 
@@ -192,7 +192,7 @@ def pdrop_positions_table(data: dict) -> str:
         positions = "`keep` (variant)" if "positions=keep" in label else "`auto` → `reindex` (official)"
         lines.append(f"| {ratios.replace(',', ', ')} | {positions} | {accuracy(entry):.1f} | {delta(entry)} | "
                      f"{entry['visual_tokens_layer_mean']:.1f} |")
-    return command_block(data) + "\n\n" + "\n".join(lines)
+    return command_block(data, ["tiny_llava"]) + "\n\n" + "\n".join(lines)
 
 
 def _field(label: str, name: str) -> str | None:
@@ -314,7 +314,7 @@ def himap_tiny_table(data: dict) -> str:
     prefix = ("C='" + HIMAP_COMPARE + "'")
     block = "```bash\n" + prefix + "\n" + "\n".join(
         "python -m tokenprune " + " ".join(o for o in run["overrides"] if o != HIMAP_COMPARE) + ' "$C"'
-        for run in data["runs"].values()) + "\n```"
+        for run in (data["runs"][name] for name in HIMAP_RUNS)) + "\n```"
     return block + "\n\n" + "\n".join(lines) + note + "."
 
 
@@ -351,8 +351,8 @@ PRUNEVID_ROWS = [  # (run, label, docs row, README row)
     ("stages", "prunevid(stage2=False,stage2_layer=2)", "stage 1 (segments {segments}, static {static})", "stage 1"),
     ("stages", "prunevid(stage1=False,stage2_layer=2)", "stage 2 after layer 2", "stage 2"),
     ("stages", "prunevid(stage2_layer=2)", "stage 1 + 2 after layer 2", "stage 1 + 2"),
-    ("stages", "prunevid(stage2_layer=1)", "stage 1 + 2 after layer 1", None),
     ("stages", "prunevid(stage1=False,stage2_layer=1)", "stage 2 after layer 1", None),
+    ("stages", "prunevid(stage2_layer=1)", "stage 1 + 2 after layer 1", None),
     ("halves", "prunevid(cluster_ratio=1.0,stage2=False,stage2_layer=2)", "stage 1, temporal merging only (`cluster_ratio=1.0`)", None),
     ("halves", "prunevid(stage2=False,stage2_layer=2,tau=2.0)", "stage 1, spatial merging only (`tau=2.0`)", None),
 ]
@@ -390,7 +390,7 @@ def prunevid_tiny_table(data: dict) -> str:
         lines.append(f"| {row_name} | {accuracy(entry):.1f} ({tasks}) | {delta(entry)} | "
                      f"{_count(entry['visual_tokens'])} | {_count(_after_stage2(data, run, label, entry))} | "
                      f"{entry['visual_tokens_layer_mean']:.1f} | {entry['relative_flops']:.2f}x |")
-    return command_block(data) + "\n\n" + "\n".join(lines)
+    return command_block(data, list(PRUNEVID_RUNS)) + "\n\n" + "\n".join(lines)
 
 
 @table("prunevid_tiny_readme", source="prunevid_tiny")
