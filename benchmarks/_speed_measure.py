@@ -121,7 +121,7 @@ def measure_prefill(vlm, inputs: dict, method: Method, repeats: int, warmup: int
         with around(), apply(model, method) as session:
             for _ in range(warmup):
                 call()
-            with PeakMemory(device) as memory:
+            with PeakMemory(device, cpu="tensors") as memory:
                 cache = output_cache(call())
             report = session.last_report
             reports = []

@@ -145,8 +145,9 @@ at each layer's token count (sublayers for layer-skip plans); *×ideal* prefill 
 the stock loop adds to its layers); *overhead* method hooks (scoring + selection) from the PrefillReport, and its
 share of the prefill; *speed-up* unpruned prefill / prefill (ideal: the same for the ideal times); *decode* one
 step on the method's KV cache with the method applied, *×stock decode* against the stock model stepping the same
-cache (same per-layer lengths, no hooks); *peak memory* allocated during the prefill (weights included; on CPU the
-process RSS, indicative only), *extra peak* the same minus the memory in use before the call; *KV cache* bytes after
+cache (same per-layer lengths, no hooks); *peak memory* allocated during the prefill (GPU: weights included, *extra
+peak* the same minus the memory in use before the call; CPU: the peak live bytes of the tensors the prefill creates,
+`TensorMemory`, weights excluded, so *extra peak* equals it); *KV cache* bytes after
 the prefill; *TTFT* vision encoder + decoder prefill (a lower bound: no preprocessing, no LM head); *syncs*
 host-device synchronisations in one prefill (CUDA sync debug mode; on CPU the reads of tensor values back to the
 host that would synchronise on a GPU, `HostReads`). Peer rows: eager attention in

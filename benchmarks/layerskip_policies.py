@@ -48,8 +48,8 @@ def run(name: str, n_samples: int, heldout: int, budget: float, ops: list[str], 
     torch.manual_seed(0)
     weights = "pretrained" if packaged_checkpoint(name) else "random"
     vlm = tp.load_model(name, weights=weights, device="cpu")
-    train = create_dataset("synthetic_image", split="train", n_samples=n_samples)
-    test = create_dataset("synthetic_image", split="test", n_samples=heldout)
+    train = create_dataset("synthetic_image", split="train", limit=n_samples)
+    test = create_dataset("synthetic_image", split="test", limit=heldout)
     calibration = Calibration(vlm, list(train), answer_tokens=answer_tokens)
     result = search(calibration, budget=budget, min_layer=min_layer, ops=ops)
     randoms = random_policies(calibration, result.policy, count=count, min_layer=min_layer, seed=0)

@@ -38,7 +38,7 @@ def run(name: str, n_samples: int, budget: float, beam_width: int, answer_tokens
         device: str = "cpu") -> dict:
     torch.manual_seed(0)
     vlm, weights = load_default(name, device)
-    dataset = create_dataset("synthetic_image", split="train", n_samples=n_samples)
+    dataset = create_dataset("synthetic_image", split="train", limit=n_samples)
     started = time.perf_counter()
     calibration = Calibration(vlm, [dataset[i] for i in range(n_samples)], answer_tokens=answer_tokens)
     answered = time.perf_counter()

@@ -52,7 +52,7 @@ def measure(videos: int = 8, frames: int = 16, layers: int = 28) -> list[dict]:
     shape = DecoderShape.from_config(vlm.adapter.text_config(vlm.model))
     records = []
     with tempfile.TemporaryDirectory() as cache:
-        dataset = SyntheticVideoQA(n_samples=videos, frames=frames, format="mp4", cache_dir=cache)
+        dataset = SyntheticVideoQA(limit=videos, frames=frames, format="mp4", cache_dir=cache)
         for index in range(videos):
             inputs = vlm.prepare(dataset[index])
             for name, fields in CONFIGURATIONS.items():

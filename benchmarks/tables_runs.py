@@ -27,7 +27,7 @@ TIMED = ("timing",)
 
 def samples_override(dataset: str, n: int) -> str:
     """How a command asks for the first n samples of a synthetic dataset."""
-    return f"dataset.n_samples={n}"
+    return f"dataset.limit={n}"
 
 
 def run_command(overrides: list[str], quick: bool, keep_timing: bool = False, no_arguments: bool = False) -> dict:
@@ -42,7 +42,7 @@ def run_command(overrides: list[str], quick: bool, keep_timing: bool = False, no
     overrides = list(overrides)
     if quick:
         dataset = next((o.split("=", 1)[1] for o in overrides if o.startswith("dataset=")), "synthetic_image")
-        overrides = [o for o in overrides if not o.startswith("dataset.n_samples=")]
+        overrides = [o for o in overrides if not o.startswith("dataset.limit=")]
         overrides.append(samples_override(dataset, QUICK_SAMPLES))
     with tempfile.TemporaryDirectory() as directory:
         with initialize_config_module("tokenprune.conf", version_base=None):
@@ -176,7 +176,7 @@ PDROP_COMPARE = ("run.compare=[{name: pdrop, layers: [1,2,3], ratios: [0.5,0.25,
 def pdrop_positions(quick: bool) -> dict:
     """PDrop on tiny_llava: the official re-numbered positions (default) against the `keep` variant."""
     return measure_runs({"tiny_llava": ["method=pdrop", "model=tiny_llava", "dataset=synthetic_image",
-                                        f"dataset.n_samples={SAMPLES}", PDROP_COMPARE]}, quick)
+                                        f"dataset.limit={SAMPLES}", PDROP_COMPARE]}, quick)
 
 
 @table("pdrop_positions", source="pdrop_positions")
@@ -210,11 +210,11 @@ def _field(label: str, name: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 TINY_RUNS = {
     "tiny_llava/image": ["method=baseline", "run.paired=false", "model=tiny_llava", "dataset=synthetic_image",
-                         f"dataset.n_samples={SAMPLES}"],
+                         f"dataset.limit={SAMPLES}"],
     "tiny_qwen25vl/image": ["method=baseline", "run.paired=false", "model=tiny_qwen25vl", "dataset=synthetic_image",
-                            f"dataset.n_samples={SAMPLES}"],
+                            f"dataset.limit={SAMPLES}"],
     "tiny_qwen25vl/video": ["method=baseline", "run.paired=false", "model=tiny_qwen25vl", "dataset=synthetic_video",
-                            f"dataset.n_samples={SAMPLES}"],
+                            f"dataset.limit={SAMPLES}"],
 }
 
 
@@ -265,7 +265,7 @@ HIMAP_COMPARE = ("run.compare=[{name: fastv, keep_ratio: 0.3125}, {name: pdrop, 
                  "{name: random, keep_ratio: 0.3125}, {name: uniform, keep_ratio: 0.3125}]")
 HIMAP_RUNS = {
     f"{model}/{dataset}": ["method=himap", "method.image_layer=4", f"model={model}", f"dataset={dataset}",
-                           f"dataset.n_samples={SAMPLES}", HIMAP_COMPARE]
+                           f"dataset.limit={SAMPLES}", HIMAP_COMPARE]
     for model, dataset in (("tiny_llava", "synthetic_image"), ("tiny_qwen25vl", "synthetic_image"),
                            ("tiny_qwen25vl", "synthetic_video"))
 }
@@ -339,11 +339,11 @@ def himap_tiny_readme(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 PRUNEVID_RUNS = {
     "stages": ["method=prunevid", "method.stage2_layer=2", "model=tiny_qwen25vl", "dataset=synthetic_video",
-               f"dataset.n_samples={SAMPLES}",
+               f"dataset.limit={SAMPLES}",
                "run.compare=[{name: prunevid, stage2: false}, {name: prunevid, stage1: false, stage2_layer: 2}, "
                "{name: prunevid, stage2_layer: 1}, {name: prunevid, stage1: false, stage2_layer: 1}]"],
     "halves": ["method=prunevid", "method.stage2=false", "method.cluster_ratio=1.0", "model=tiny_qwen25vl",
-               "dataset=synthetic_video", f"dataset.n_samples={SAMPLES}",
+               "dataset=synthetic_video", f"dataset.limit={SAMPLES}",
                "run.compare=[{name: prunevid, stage2: false, tau: 2.0}]"],
 }
 PRUNEVID_ROWS = [  # (run, label, docs row, README row)

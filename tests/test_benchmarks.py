@@ -316,9 +316,9 @@ def test_limit_keeps_mme_pairs_and_mmbench_rotations_together(copies):
 
 
 def test_select_rows():
-    assert hub.select_rows(5, None, 0) == [0, 1, 2, 3, 4]
-    assert hub.select_rows(5, 9, 0) == [0, 1, 2, 3, 4]
-    assert hub.select_rows(5, 2, None) == [0, 1]
-    assert hub.select_rows(6, 3, None, groups=["a", "a", "b", "b", "c", "c"]) == [0, 1]
-    assert hub.select_rows(5, 3, None, groups=["a", "a", "b", "b", "c"]) == [0, 1, 4]  # skips what does not fit
-    assert hub.select_rows(4, 0, 3) == []
+    assert hub.select_rows("t", 5, None, 0) == [0, 1, 2, 3, 4]
+    assert hub.select_rows("t", 5, 9, 0) == [0, 1, 2, 3, 4]
+    assert hub.select_rows("t", 5, 2, None) == [0, 1]
+    assert hub.select_rows("t", 6, 3, None, groups=["a", "a", "b", "b", "c", "c"]) == [0, 1]
+    assert hub.select_rows("t", 5, 3, None, groups=["a", "a", "b", "b", "c"]) == [0, 1, 4]  # skips what does not fit
+    assert hub.select_rows("t", 4, 0, 3) == []

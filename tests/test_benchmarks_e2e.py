@@ -51,19 +51,24 @@ def copies(tmp_path_factory, datasets_cache) -> dict[str, dict]:
 
 def command(name: str, overrides: dict, run_dir: Path) -> list[str]:
     model = "tiny_qwen25vl" if name in fb.VIDEO_BENCHMARKS else "tiny_llava"
+    overrides = {"limit": 2, "seed": "null", **overrides}  # the first two samples
     return [f"dataset={name}", *(f"dataset.{key}={value}" for key, value in overrides.items()), f"model={model}",
-            "method=fastv", "run.n_samples=2", "run.max_new_tokens=2", f"hydra.run.dir={run_dir}"]
+            "method=fastv", "run.max_new_tokens=2", f"hydra.run.dir={run_dir}"]
 
 
-def run_in_process(arguments: list[str], monkeypatch) -> None:
+def run_in_process(arguments: list[str], monkeypatch, exit_code: int | None = None) -> None:
+    """``python -m tokenprune`` in this process; it must end normally, or with ``exit_code``."""
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["tokenprune", *arguments])
     try:
         runpy.run_module("tokenprune", run_name="__main__", alter_sys=False)
-    except SystemExit as exit:  # a configuration error
-        pytest.fail(f"python -m tokenprune exited with {exit.code}")
+    except SystemExit as exit:  # a configuration error (2), or no sample scored (3)
+        if exit.code != exit_code:
+            pytest.fail(f"python -m tokenprune exited with {exit.code}")
+        return
+    assert exit_code is None, f"python -m tokenprune should have exited with {exit_code}"
 
 
 def test_a_missing_video_dir_stops_the_command_with_a_clear_error(copies, tmp_path, monkeypatch, capsys):
@@ -102,7 +107,7 @@ def test_a_missing_video_is_an_error_record(copies, tmp_path, monkeypatch):
     shutil.copytree(copies["videomme"]["video_dir"], video_dir)
     (video_dir / "data" / "fFjv93ACGo8.mp4").unlink()  # the video of the first two questions
     overrides = {**copies["videomme"], "video_dir": str(video_dir), "seed": "null"}
-    run_in_process(command("videomme", overrides, tmp_path / "run"), monkeypatch)
+    run_in_process(command("videomme", overrides, tmp_path / "run"), monkeypatch, exit_code=3)  # nothing scored
     records, summary = read_run(tmp_path / "run")
     assert [r["id"] for r in records] == ["001-1", "001-2"]
     assert all("video file not found" in r["error"] and "fFjv93ACGo8.mp4" in r["error"] for r in records)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thr
 
 
 def samples(n=N_SAMPLES, split="train"):
-    dataset = create_dataset("synthetic_image", split=split, n_samples=n)
+    dataset = create_dataset("synthetic_image", split=split, limit=n)
     return [dataset[i] for i in range(n)]
 
 
@@ -62,7 +62,9 @@ def greedy_answer(vlm, inputs, k):
                                                                 (0, ids.shape[1] - inputs["input_ids"].shape[1]))
         with torch.no_grad():
             logits = vlm.model(**step, use_cache=False).logits[0, -1]
-            logits[[vlm.model.config.image_token_id]] = float("-inf")  # placeholders are never answers
+            config = vlm.model.config
+            placeholders = [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+            logits[placeholders] = float("-inf")  # placeholders (image and video) are never answers
             token = logits.argmax()
         answer.append(int(token))
         ids = torch.cat([ids, token.view(1, 1)], dim=1)
@@ -350,8 +352,9 @@ def test_cli_prints_the_policy_and_writes_a_loadable_file(tmp_path, capsys):
     assert code == 0
     assert "Skipped MLPs: [" in printed and "Skipped Attns: [" in printed and "Final Score" in printed
     data = json.loads(output.read_text())
-    assert set(data) == {"skip_layer_mlp", "skip_layer_attn", "mlp_scalars", "attn_scalars", "score", "cost",
-                         "calibration"}
+    assert set(data) == {"skip_layer_mlp", "skip_layer_attn", "mlp_scalars", "attn_scalars", "semantics", "score",
+                         "cost", "calibration"}
+    assert data["semantics"] == "visual" and data["calibration"]["objective"] == "reference"
     meta = data["calibration"]
     assert meta["split"] == "train" and all(i.startswith("train-") for i in meta["sample_ids"])  # disjoint from test
     assert meta["n_samples"] == 2 and meta["answer_tokens"] == 3 and meta["budget"] == 1.5 and meta["beam_width"] == 1

@@ -78,7 +78,7 @@ def trained_llava():
 
 def test_generation_stops_at_end_of_turn_so_short_answers_cost_nothing_extra(trained_llava):
     vlm = trained_llava
-    sample = SyntheticImageQA(n_samples=1)[0]
+    sample = SyntheticImageQA(limit=1)[0]
     inputs = vlm.prepare(sample)
     measured = measure_generation(vlm, inputs, BASELINE, max_new_tokens=64, eos_token_id=end_of_turn_ids(vlm))
     ids = measured.output_ids[0].tolist()
@@ -88,7 +88,7 @@ def test_generation_stops_at_end_of_turn_so_short_answers_cost_nothing_extra(tra
 
 def test_generation_stops_at_a_stop_string(trained_llava):
     vlm = trained_llava
-    sample = SyntheticImageQA(n_samples=1)[0]
+    sample = SyntheticImageQA(limit=1)[0]
     inputs = vlm.prepare(sample)
     eos = end_of_turn_ids(vlm)
     free = measure_generation(vlm, inputs, BASELINE, max_new_tokens=8, eos_token_id=eos)

@@ -336,7 +336,9 @@ def test_policy_files_give_identical_logits(tmp_path, family):
         loaded = LayerSkip(policy=str(tmp_path / name))
         assert loaded.skip_policy.mlp == (5, 1, 4)  # selection order kept
         assert torch.equal(logits(loaded), inline), name
-    seed = logits(LayerSkip(policy=str(tmp_path / "model")))  # a checkpoint directory with the seed's config.json
+    # a checkpoint directory with the seed's config.json, read with tokenprune's semantics (it would run with the
+    # seed's by default: tests/test_layerskip_seed.py)
+    seed = logits(LayerSkip(policy=str(tmp_path / "model"), semantics="visual"))
     assert torch.equal(seed, logits(LayerSkip(mlp=[5, 1, 4], attn=[2, 4], scalars={1: 0.9, 4: 1.1})))
     assert not torch.equal(seed, inline)  # attn_scalars absent there: 1.0
 
@@ -424,7 +426,7 @@ def test_method_describes_its_resolved_policy(tmp_path):
 def test_video_tokens_count_as_visual():
     """Card §4: tokenprune includes video pads in V (the seed left them untouched)."""
     vlm = tiny_vlm("tiny_qwen25vl")
-    sample = tp.data.create_dataset("synthetic_video", n_samples=1, frames=4, frame_size=56)[0]
+    sample = tp.data.create_dataset("synthetic_video", limit=1, frames=4, frame_size=56)[0]
     inputs = vlm.prepare(sample)
     layout = inputs.layout
     video = (layout.kind == 2).nonzero().flatten()  # VIDEO rows

@@ -1,4 +1,5 @@
-"""The README's "Adding a method" example really is one working file."""
+"""The README's examples run as written: the Python API snippet on tiny_llava, and "Adding a method" is one
+working file."""
 
 import re
 from pathlib import Path
@@ -24,3 +25,13 @@ def test_readme_method_example_runs():
         assert session.last_report.layer_visual[2] == round(n * 0.25)
     finally:
         base._REGISTRY.pop("lastk", None)
+
+
+def test_readme_python_api_snippet_runs_as_written(capsys):
+    text = README.read_text()
+    section = text[text.index("## Python API"):]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(source, {})
+    answer, layer_visual = capsys.readouterr().out.rsplit(" [", 1)
+    assert answer.strip()  # the tiny model answered
+    assert [int(n) for n in layer_visual.rstrip("]\n").split(",")] == [144, 72, 36, 18, 18, 18]  # PDrop's schedule

@@ -54,7 +54,7 @@ def stable(records: list[dict]) -> list[dict]:
 # 1. the default command
 # ---------------------------------------------------------------------------------------------------------
 def test_default_command_prints_the_comparison_table(tmp_path):
-    result = cli("run.compare=embedded", "dataset.n_samples=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    result = cli("dataset.limit=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)  # no method named: experiment=embedded
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
     for label in ("baseline", "random(keep_ratio=0.25)", "uniform(keep_ratio=0.125)", "fastv(keep_ratio=0.25)",
@@ -66,11 +66,10 @@ def test_default_command_prints_the_comparison_table(tmp_path):
 
 
 def test_no_argument_command_uses_the_embedded_table(tmp_path):
-    cfg = config(tmp_path)
-    plan_without_args = build_plan(cfg, command_has_arguments=False)
-    plan_with_args = build_plan(cfg, command_has_arguments=True)
-    assert len(plan_without_args.methods) == 13
-    assert list(plan_with_args.methods) == ["baseline", "fastv"]
+    from tokenprune.__main__ import with_default_experiment
+
+    assert len(build_plan(config(tmp_path, *with_default_experiment([]))).methods) == 13
+    assert list(build_plan(config(tmp_path, *with_default_experiment(["method=fastv"]))).methods) == ["baseline", "fastv"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def test_no_argument_command_uses_the_embedded_table(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_multirun_writes_one_directory_per_job_and_the_report_merges_them(tmp_path, launcher):
-    args = ["-m", "method=fastv,random", "dataset.n_samples=2", "run.progress=false",
+    args = ["-m", "method=fastv,random", "dataset.limit=2", "run.progress=false",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     if launcher == "submitit_local":
         args += ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
@@ -92,7 +91,14 @@ def test_multirun_writes_one_directory_per_job_and_the_report_merges_them(tmp_pa
                              str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "| fastv |" in text and "| random |" in text and text.count("| baseline |") == 1
+    assert "| fastv | 0_tiny_llava_dataset.limit=2,method=fastv |" in text
+    assert "| random | 1_tiny_llava_dataset.limit=2,method=random |" in text
+    assert text.count("| baseline |") == 1  # both jobs' baselines gave the same per-sample scores: one row
+    # the sweep printed the same table at its end (the Hydra callback)
+    from tokenprune.run.report import tables
+
+    combined = tables([tmp_path / "sweep"])
+    assert combined in result.stdout and combined in text
     for png in ("tokens", "flops", "deltas"):
         image = Image.open(tmp_path / "report" / f"tiny_llava_synthetic_image_{png}.png")
         assert image.size[0] > 100
@@ -102,7 +108,7 @@ def test_multirun_writes_one_directory_per_job_and_the_report_merges_them(tmp_pa
 # 3. crash safety and 6. determinism
 # ---------------------------------------------------------------------------------------------------------
 def test_sigkill_midway_then_rerun_gives_every_sample_exactly_once(tmp_path):
-    args = ["method=fastv", "dataset.n_samples=10", "run.progress=false"]
+    args = ["method=fastv", "dataset.limit=10", "run.progress=false"]
     reference = cli(*args, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -133,14 +139,14 @@ def test_sigkill_midway_then_rerun_gives_every_sample_exactly_once(tmp_path):
 
 def test_same_seed_gives_identical_results(tmp_path):
     for name in ("a", "b"):
-        run_benchmark(config(tmp_path / name, "method=random", "method.keep_ratio=0.25", "dataset.n_samples=4"))
+        run_benchmark(config(tmp_path / name, "method=random", "method.keep_ratio=0.25", "dataset.limit=4"))
     assert stable(read_records(tmp_path / "a")) == stable(read_records(tmp_path / "b"))
 
 
 def test_rerun_with_a_different_configuration_is_refused(tmp_path):
-    run_benchmark(config(tmp_path, "dataset.n_samples=1"))
+    run_benchmark(config(tmp_path, "dataset.limit=1"))
     with pytest.raises(ValueError, match="holds results of a different run .*methods"):
-        run_benchmark(config(tmp_path, "dataset.n_samples=1", "method.keep_ratio=0.25"))
+        run_benchmark(config(tmp_path, "dataset.limit=1", "method.keep_ratio=0.25"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,7 +215,7 @@ def test_memory_is_flat_over_200_alternating_runs(tmp_path):
     from tokenprune.run.measure import measure_generation, release_memory
 
     vlm = tp.load_model("tiny_llava", weights="random", device="cpu")
-    dataset = tp.data.create_dataset("synthetic_image", n_samples=200)
+    dataset = tp.data.create_dataset("synthetic_image", limit=200)
     methods = [tp.methods.create("baseline"), tp.methods.create("fastv", keep_ratio=0.25)]
     readings = {}
     for index in range(200):
@@ -227,7 +233,7 @@ def test_gpu_memory_returns_to_the_same_value_after_each_sample():
     from tokenprune.run.measure import measure_generation, release_memory
 
     vlm = tp.load_model("tiny_qwen25vl", weights="random", device="cuda")
-    dataset = tp.data.create_dataset("synthetic_image", n_samples=20)
+    dataset = tp.data.create_dataset("synthetic_image", limit=20)
     methods = [tp.methods.create("baseline"), tp.methods.create("fastv", keep_ratio=0.25)]
     allocated = []
     for index in range(20):
@@ -247,9 +253,10 @@ def test_gpu_memory_returns_to_the_same_value_after_each_sample():
     (["method.name=fastvv"], "method: unknown method 'fastvv'; available methods: .*pdrop"),
     (["dataset.name=textvqa_vall"], "dataset='textvqa_vall' is unknown; available datasets: .*synthetic_image"),
     (["model=qwen25vl_7b"], "model.path is required for model=qwen25vl_7b"),
-    (["run.n_samples=-3"], "run.n_samples must be a non-negative integer or null, got -3"),
+    (["run.n_samples=-3"], "run.n_samples must be an integer >= 0 or null, got -3"),
     (["method.keep_ratio=1.5"], "fastv.keep_ratio must be a number in \\(0, 1\\]"),
-    (["dataset.n_samples=-1"], "synthetic_image.n_samples must be an integer >= 0"),
+    (["dataset.n_samples=-1"], "dataset.n_samples must be an integer >= 0"),
+    (["dataset.limit=-1"], "synthetic_image.limit must be an integer >= 0"),
     (["model=tiny_qwen25vl", "model.video.fps=-1"], "model.video.fps must be a positive number"),
     (["model=tiny_qwen25vl", "model.video.fps=2", "model.video.nframes=8"], "give fps or nframes, not both"),
 ])
@@ -272,7 +279,7 @@ def test_bad_configuration_from_the_command_line(tmp_path):
 def test_wandb_offline_run_holds_the_summary_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_benchmark(config(tmp_path, "logger=wandb", "dataset.n_samples=2"))
+    run_benchmark(config(tmp_path, "logger=wandb", "dataset.limit=2"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_files = list(runs[0].glob("run-*.wandb"))  # the file a later `wandb sync` uploads

@@ -26,8 +26,8 @@ FACTOR = 28  # the test architecture: patch 14 x merge 2
 def clip(tmp_path_factory):
     """A 16-frame, 4 fps, 112 x 112 synthetic video written as a real H.264 mp4, and its source frames."""
     cache = tmp_path_factory.mktemp("videos")
-    dataset = SyntheticVideoQA(n_samples=1, frames=16, fps=4.0, format="mp4", cache_dir=str(cache))
-    frames = SyntheticVideoQA(n_samples=1, frames=16, fps=4.0, format="frames")[0].video.frames  # [16, 3, H, W]
+    dataset = SyntheticVideoQA(limit=1, frames=16, fps=4.0, format="mp4", cache_dir=str(cache))
+    frames = SyntheticVideoQA(limit=1, frames=16, fps=4.0, format="frames")[0].video.frames  # [16, 3, H, W]
     return dataset[0], frames
 
 

@@ -60,17 +60,17 @@ def test_packaged_checkpoints_load_through_the_stock_classes_like_a_real_checkpo
         vlm = tp.load_model(name, device="cpu")  # the default path: weights=pretrained, the packaged directory
         assert type(vlm.model).__name__ == {"llava": "LlavaForConditionalGeneration",
                                             "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[model_type]
-        assert vlm.prepare(SyntheticImageQA(n_samples=1)[0]).layout.num_visual >= 144
+        assert vlm.prepare(SyntheticImageQA(limit=1)[0]).layout.num_visual >= 144
 
 
 @pytest.mark.parametrize("name", ["tiny_llava", "tiny_qwen25vl"])
 def test_heldout_image_accuracy_at_least_90(name):
-    scores = answers(trained(name), SyntheticImageQA(n_samples=HELD_OUT, split="test"))
+    scores = answers(trained(name), SyntheticImageQA(limit=HELD_OUT, split="test"))
     assert 100 * sum(scores) / len(scores) >= 90
 
 
 def test_heldout_video_accuracy_at_least_80():
-    dataset = SyntheticVideoQA(n_samples=HELD_OUT, split="test")
+    dataset = SyntheticVideoQA(limit=HELD_OUT, split="test")
     scores = answers(trained("tiny_qwen25vl"), dataset)
     assert 100 * sum(scores) / len(scores) >= 80
 
@@ -87,7 +87,7 @@ def test_answers_come_from_the_image_not_the_question(name):
     """Control: with the visual tokens of a different image (the next sample's pixels), accuracy falls to
     chance (+10 points at most), while the same questions with their own images stay >= 90%."""
     vlm = trained(name)
-    dataset = SyntheticImageQA(n_samples=HELD_OUT, split="test")
+    dataset = SyntheticImageQA(limit=HELD_OUT, split="test")
     own = answers(vlm, dataset)
     swapped = answers(vlm, dataset, visual_from=lambda i: (i + 7) % len(dataset))
     assert 100 * sum(own) / len(own) >= 90
@@ -96,7 +96,7 @@ def test_answers_come_from_the_image_not_the_question(name):
 
 def test_video_answers_come_from_the_video():
     vlm = trained("tiny_qwen25vl")
-    dataset = SyntheticVideoQA(n_samples=HELD_OUT, split="test")
+    dataset = SyntheticVideoQA(limit=HELD_OUT, split="test")
     swapped = answers(vlm, dataset, visual_from=lambda i: (i + 7) % len(dataset))
     assert 100 * sum(swapped) / len(swapped) <= chance(dataset) + 10
 
@@ -111,7 +111,7 @@ def test_training_script_smoke(name, tmp_path):
     assert {"model.safetensors", "config.json", "README.md", "training.json"} <= {p.name for p in tmp_path.iterdir()}
     vlm = tp.load_model(name, path=str(tmp_path), device="cpu")
     with torch.no_grad():
-        logits = vlm.model(**vlm.prepare(SyntheticImageQA(n_samples=1)[0])).logits
+        logits = vlm.model(**vlm.prepare(SyntheticImageQA(limit=1)[0])).logits
     assert torch.isfinite(logits).all()
 
 

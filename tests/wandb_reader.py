@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -44,10 +45,21 @@ def records(path: str | Path):
         yield record
 
 
+def complete_records(path: str | Path, timeout: float = 60.0) -> list:
+    """The file's records once W&B's service process has written the run's ``exit`` record: ``run.finish()``
+    can return before the service has flushed everything (seen on a heavily loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def summary(path: str | Path) -> dict:
     """The run's final summary as W&B would upload it (later updates override earlier ones)."""
     values = {}
-    for record in records(path):
+    for record in complete_records(path):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 key = item.key or "/".join(item.nested_key)

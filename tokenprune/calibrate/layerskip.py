@@ -285,9 +285,12 @@ class SearchResult:
     budget: float
     rounds: list[list[Candidate]] = field(default_factory=list)  # every scored candidate, per round, best first
     calibration: dict = field(default_factory=dict)  # settings and calibration metadata (card §2.2 item 8)
+    semantics: str = "visual"  # the layer-skip semantics the policy was searched (and is to be evaluated) with
+    objective: str = "reference"  # reference (card §2.2) or seed (the seed's search, layerskip_seed.py)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.policy.to_dict(), "score": self.score, "cost": self.cost, "calibration": self.calibration}
+        return {**self.policy.to_dict(), "semantics": self.semantics, "score": self.score, "cost": self.cost,
+                "calibration": self.calibration}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -296,7 +299,14 @@ class SearchResult:
         return path
 
     def format(self) -> str:
-        """The seed's lines plus the score (mean KL vs the original model) and the cost."""
+        """The seed's lines plus the score and the cost."""
+        if self.objective == "seed":
+            scalars = {layer: self.policy.mlp_scalars.get(layer, 1.0) for layer in self.policy.mlp}
+            return (f"Final Score: {self.score}\nSkipped MLPs: {list(self.policy.mlp)}\n"
+                    f"Skipped Attns: {list(self.policy.attn)}\nScalars: {scalars}\n"
+                    f"(the seed's search: the score is the last round's KL to its parent beam, row mean over "
+                    f"{self.calibration.get('positions', '?')} free-running rows; cost {self.cost:g}, budget "
+                    f"{self.budget:g}; semantics: seed)")
         return (f"{self.policy.format()}\n"
                 f"Final Score {self.score:.6g} (mean KL to the original model over "
                 f"{self.calibration.get('positions', '?')} answer positions), cost {self.cost:g} (budget {self.budget:g})")
@@ -445,20 +455,32 @@ def fit_policy(calibration: Calibration, order: Sequence[tuple[str, int]]) -> Sk
 # ---------------------------------------------------------------------------------------------------------
 # From the Hydra config (python -m tokenprune.calibrate layerskip ...)
 # ---------------------------------------------------------------------------------------------------------
-def run_from_config(cfg) -> tuple[SearchResult, Path]:
-    """Load the model and the calibration split, search, print the seed-style policy and write the policy JSON."""
+OBJECTIVES = ("reference", "seed")
+
+
+def run_from_config(cfg, export_seed_config: str | None = None) -> tuple[SearchResult, Path]:
+    """Load the model and the calibration split, search, print the seed-style policy and write the policy JSON
+    (and, with ``export_seed_config``, the policy as the seed's config.json keys)."""
     from omegaconf import OmegaConf
 
     from ..data import create_dataset
     from ..data.base import dataset_class
+    from ..methods.layerskip import export_seed_config as write_seed_config
     from ..models import load_model, model_options
+    from .layerskip_seed import SeedCalibration, seed_search
 
     if OmegaConf.is_missing(cfg, "budget"):
         raise ValueError("budget is required: the cost at which the search stops, e.g. budget=9 "
                          "(an MLP skip costs cost_mlp=1.0, an attention skip cost_attn=0.5)")
     config = OmegaConf.to_container(cfg, resolve=True)
+    objective = config.get("objective", "reference")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     settings = SearchSettings(config["budget"], config["beam_width"], config["cost"], config["cost_mlp"],
                               config["cost_attn"], config["min_layer"], tuple(config["ops"] or ()))
+    if objective == "seed" and settings.cost != "fixed":
+        raise ValueError("objective=seed uses the seed's fixed costs (cost=fixed, cost_mlp / cost_attn), got "
+                         f"cost={settings.cost!r}")
     n_samples = config["n_samples"]
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
@@ -471,8 +493,8 @@ def run_from_config(cfg) -> tuple[SearchResult, Path]:
         else:
             warnings.warn(f"dataset {dataset_name!r} has no split: calibration samples may overlap evaluation ones",
                           stacklevel=2)
-    if "n_samples" in known:
-        dataset_fields["n_samples"] = n_samples
+    if "n_samples" in known:  # a synthetic stream: generate exactly the calibration samples
+        dataset_fields.update(limit=n_samples, n_samples=None)
     dataset = create_dataset(dataset_name, **dataset_fields)
     if len(dataset) < n_samples:
         raise ValueError(f"n_samples={n_samples} but dataset {dataset_name!r} has only {len(dataset)} samples")
@@ -485,16 +507,45 @@ def run_from_config(cfg) -> tuple[SearchResult, Path]:
     if settings.min_layer >= vlm.info().num_layers:  # before the calibration answers are computed
         raise ValueError(f"min_layer={settings.min_layer} is out of range: the model has {vlm.info().num_layers} "
                          f"decoder layers (valid 0..{vlm.info().num_layers - 1})")
-    calibration = Calibration(vlm, [dataset[i] for i in range(n_samples)], config["answer_tokens"],
-                              progress=config["progress"])
-    result = search(calibration, progress=config["progress"], **dataclasses.asdict(settings))
+    calibration_samples = [dataset[i] for i in range(n_samples)]
+    if objective == "seed":
+        calibration = SeedCalibration(vlm, calibration_samples, config["answer_tokens"], progress=config["progress"])
+        result = seed_search(calibration, settings.budget, settings.beam_width, settings.cost_mlp, settings.cost_attn,
+                             settings.min_layer, settings.ops, progress=config["progress"])
+    else:
+        calibration = Calibration(vlm, calibration_samples, config["answer_tokens"], progress=config["progress"])
+        result = search(calibration, progress=config["progress"], **dataclasses.asdict(settings))
+        result.calibration["objective"] = objective
     result.calibration.update(
         model={key: model.get(key) for key in ("name", "path", "weights", "dtype", "attn_implementation")},
         dataset={"name": dataset_name, **dataset_fields}, split=dataset_fields.get("split"), seed=config["seed"])
     output = config["output"] or f"layerskip-{model['name']}-{dataset_name}-budget{settings.budget:g}.json"
     path = result.save(output)
     print(result.format())
-    print(f"policy written to {path}")
+    print(f"policy written to {path} (semantics: {result.semantics})")
+    if export_seed_config is not None:
+        print(seed_config_message(result.policy, export_seed_config, result.semantics, write_seed_config))
     print(f"evaluate: python -m tokenprune method=layerskip method.policy={path} model={model['name']} "
           f"dataset={dataset_name}")
     return result, path
+
+
+def seed_config_message(policy: SkipPolicy, path: str | Path, semantics: str, write) -> str:
+    """Write ``policy`` as the seed's config.json keys (``write``: ``methods.layerskip.export_seed_config``) and say
+    what was written."""
+    written, updated = write(policy, path)
+    message = (f"seed config keys (skip_layer_mlp, skip_layer_attn, mlp_scalars) "
+               f"{'set in the existing' if updated else 'written to'} {written}")
+    if semantics != "seed":
+        message += (f"\nnote: this policy was searched with semantics {semantics!r}; the seed's decoder (and "
+                    "tokenprune reading this config) runs it with the seed's semantics")
+    return message
+
+
+def convert_to_seed_config(policy_file: str, path: str) -> str:
+    """``--policy FILE --export-seed-config PATH``: an existing policy (any file ``method.policy`` reads) written as
+    the seed's config.json keys, without a search."""
+    from ..methods.layerskip import export_seed_config as write_seed_config
+
+    method = LayerSkip(policy=policy_file)
+    return seed_config_message(method.skip_policy, path, method.resolved_semantics, write_seed_config)

@@ -8,7 +8,9 @@ index, deterministically, and carries the benchmark's official scorer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import random
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -19,10 +21,15 @@ class DatasetError(ValueError):
     """A dataset that cannot be loaded (missing files, wrong columns, unknown split); names what is wrong."""
 
 
+log = logging.getLogger("tokenprune")
+
+
 class Scorer(ABC):
     """Scores one prediction; aggregates scored records into the benchmark's own metrics."""
 
     headline: str = "accuracy"  # the name of the benchmark's headline metric in ``aggregate``
+    headline_unit: str = "%"  # the headline's unit (plots, tables)
+    headline_range: tuple[float, float] = (0.0, 100.0)  # the values the headline can take
 
     @abstractmethod
     def score(self, prediction: str, sample: Sample) -> float:
@@ -105,3 +112,41 @@ def check_stop(owner: str, value) -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{owner}.stop must be a list of non-empty strings, got {value!r}")
     return list(value)
+
+
+def check_seed(owner: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{owner}.seed must be an integer or null, got {value!r}")
+
+
+def select_rows(owner: str, n: int, limit: int | None, seed: int | None, groups: list | None = None) -> list[int]:
+    """``dataset.limit`` on a table of ``n`` rows: at most ``limit`` row indices, in table order — a seeded random
+    subset (``seed``), or the first rows (``seed`` null). Every dataset gives ``limit`` and ``seed`` this meaning.
+
+    With ``groups`` (one key per row), rows of a group are taken together or not at all (MME's question pairs,
+    MMBench's rotated copies), so the subset may hold slightly fewer than ``limit`` rows. Asking for more rows than
+    there are takes them all, and says so.
+    """
+    if limit is not None and limit > n:
+        log.warning("dataset.limit=%d but %s has %d samples: running all %d", limit, owner, n, n)
+    if limit is None or limit >= n:
+        return list(range(n))
+    members: dict[Any, list[int]] = {}
+    for row, key in enumerate(groups if groups is not None else range(n)):
+        members.setdefault(key, []).append(row)
+    keys = list(members)
+    if seed is not None:
+        keys = random.Random(seed).sample(keys, len(keys))
+    chosen: list[int] = []
+    for key in keys:
+        if len(chosen) + len(members[key]) <= limit:
+            chosen += members[key]
+    return sorted(chosen)
+
+
+def deprecated_count(owner: str, old: str, value, limit):
+    """The value of ``limit`` when a deprecated count field (``n_samples``) is given instead; says so."""
+    if value is None:
+        return limit
+    log.warning("%s.%s is deprecated: use dataset.limit=%s (dataset.seed picks which samples)", owner, old, value)
+    return value

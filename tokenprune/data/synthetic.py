@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .base import Dataset, check_count, register_dataset
+from .base import Dataset, check_count, deprecated_count, register_dataset
 from .sample import Sample, VideoFrames
 from .scorers import ExactMatch
 
@@ -56,6 +56,13 @@ def cell_name(row: int, col: int) -> str:
     if row == 1:
         return f"middle {COLUMNS[col]}"
     return f"{ROWS[row]} {COLUMNS[col]}"
+
+
+def check_limit(owner: str, limit) -> None:
+    if limit is None:
+        raise ValueError(f"{owner}.limit must be an integer >= 0 (how many samples to generate: the synthetic stream "
+                         "has no end), got null")
+    check_count(owner, "limit", limit, allow_none=False)
 
 
 def sample_rng(seed: int, split: str, index: int) -> random.Random:
@@ -143,9 +150,12 @@ def ask_about(boxes: list, task: str, rng: random.Random):
 @register_dataset("synthetic_image")
 @dataclass
 class SyntheticImageQA(Dataset):
-    """Questions about coloured shapes on a 3 x 3 grid; one-word answers; exact-match scoring."""
+    """Questions about coloured shapes on a 3 x 3 grid; one-word answers; exact-match scoring.
 
-    n_samples: int = 48
+    ``limit``: how many samples (the stream from ``seed`` has no end); ``seed``: which ones.
+    """
+
+    limit: int = 48
     seed: int = 0
     split: str = "test"  # "train" and "test" draw disjoint streams from the same seed
     image_size: int = 168
@@ -153,9 +163,11 @@ class SyntheticImageQA(Dataset):
     min_objects: int = 3
     max_objects: int = 6
     max_new_tokens: int = 4
+    n_samples: int | None = None  # deprecated: limit
 
     def __post_init__(self):
-        check_count(self.name, "n_samples", self.n_samples, allow_none=False)
+        self.limit, self.n_samples = deprecated_count(self.name, "n_samples", self.n_samples, self.limit), None
+        check_limit(self.name, self.limit)
         check_count(self.name, "image_size", self.image_size, allow_none=False, minimum=28)
         self.tasks = list(self.tasks)
         unknown = sorted(set(self.tasks) - set(IMAGE_TASKS))
@@ -168,10 +180,10 @@ class SyntheticImageQA(Dataset):
         self.scorer = ExactMatch(first_word=True)
 
     def __len__(self) -> int:
-        return self.n_samples
+        return self.limit
 
     def __getitem__(self, index: int) -> Sample:
-        if not 0 <= index < self.n_samples:
+        if not 0 <= index < self.limit:
             raise IndexError(index)
         rng = sample_rng(self.seed, self.split, index)
         task = self.tasks[index % len(self.tasks)]
@@ -232,10 +244,10 @@ class SyntheticVideoQA(Dataset):
     """Questions that need several frames: motion direction, order of appearance; one-word answers.
 
     ``format=frames`` yields decoded frames; ``format=mp4`` writes each video once to ``cache_dir`` (real
-    files, decoded by the model's video reader).
+    files, decoded by the model's video reader). ``limit``: how many samples; ``seed``: which ones.
     """
 
-    n_samples: int = 24
+    limit: int = 24
     seed: int = 0
     split: str = "test"
     frames: int = 8
@@ -245,9 +257,11 @@ class SyntheticVideoQA(Dataset):
     format: str = "frames"
     cache_dir: str | None = None
     max_new_tokens: int = 4
+    n_samples: int | None = None  # deprecated: limit
 
     def __post_init__(self):
-        check_count(self.name, "n_samples", self.n_samples, allow_none=False)
+        self.limit, self.n_samples = deprecated_count(self.name, "n_samples", self.n_samples, self.limit), None
+        check_limit(self.name, self.limit)
         check_count(self.name, "frames", self.frames, allow_none=False, minimum=2)
         if self.frame_size % 28:
             raise ValueError(f"{self.name}.frame_size must be a multiple of 28, got {self.frame_size}")
@@ -262,10 +276,10 @@ class SyntheticVideoQA(Dataset):
         self.scorer = ExactMatch(first_word=True)
 
     def __len__(self) -> int:
-        return self.n_samples
+        return self.limit
 
     def __getitem__(self, index: int) -> Sample:
-        if not 0 <= index < self.n_samples:
+        if not 0 <= index < self.limit:
             raise IndexError(index)
         rng = sample_rng(self.seed, f"video-{self.split}", index)
         task = self.tasks[index % len(self.tasks)]

@@ -1,8 +1,10 @@
-"""KV-cache surgery of a pruned prefill, and the masks of decoding steps over per-layer cache lengths."""
+"""KV-cache surgery of a pruned prefill, the masks of decoding steps over per-layer cache lengths, and the cache
+entry of a layer whose attention every row skips."""
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import CacheLayerMixin
 
 from .contract import PruningInputError, TokenLayout
 
@@ -71,3 +73,85 @@ def decode_mask(hidden: torch.Tensor, layer_length: int, query_length: int, attn
     mask = torch.zeros(query_length, kv_length, dtype=hidden.dtype, device=hidden.device)
     mask = mask.masked_fill(hidden_keys, torch.finfo(hidden.dtype).min)
     return mask[None, None].expand(hidden.shape[0], 1, -1, -1)
+
+
+class SkippedAttentionLayer(CacheLayerMixin):
+    """The KV-cache entry of a layer whose attention every row skips (layer skip ``semantics: seed``): no keys or
+    values, only the number of rows that passed the layer.
+
+    The stock code reads the cache length from layer 0 (``Cache.get_seq_length()``: ``generate``'s input slicing,
+    the masks, a family's decode positions) and so does the engine's prefill detection. A layer without any KV entry
+    would report 0 there; this entry reports the rows that went through it, which is every row of the sequence, so
+    each of those readers gets the right length whichever layers skip their attention.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False  # nothing to allocate
+
+    def __init__(self, length: int = 0):
+        super().__init__()
+        self.length = length
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a layer whose attention every row skips stores no keys or values")
+
+    def add_rows(self, rows: int) -> None:
+        self.length += rows
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): give the number of rows to remove as a negative integer")
+        self.length -= abs(tokens_to_remove)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx) -> None:
+        pass  # the row count does not depend on the batch
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+    def batch_select_indices(self, indices) -> None:
+        pass
+
+
+def count_skipped_attention(cache, layer: int, rows: int) -> None:
+    """Record that ``rows`` new rows passed ``layer`` without attention: its cache entry becomes (or stays) a
+    ``SkippedAttentionLayer`` counting them. No cache (``use_cache=False``): nothing to record."""
+    if cache is None:
+        return
+    layers = cache.layers
+    if layer >= len(layers):  # a lazily grown DynamicCache: fill the gap with the layers it would have made
+        make = getattr(cache, "layer_class_to_replicate", None)
+        if make is None:
+            raise PruningInputError(f"the KV cache has no entry for layer {layer} and cannot grow one")
+        layers.extend(make() for _ in range(layer + 1 - len(layers)))
+    entry = layers[layer]
+    if not isinstance(entry, SkippedAttentionLayer):
+        if entry.get_seq_length() > 0:
+            raise PruningInputError(f"layer {layer}'s attention is skipped for every row, but its KV cache already "
+                                    "holds keys and values (a cache filled under another policy?)")
+        entry = layers[layer] = SkippedAttentionLayer()
+    entry.add_rows(rows)

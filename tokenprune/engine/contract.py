@@ -344,9 +344,12 @@ class Reduction:
         row ``order[i] - K``. None without merged rows (kept rows in order)."""
         if self.merged is None:
             return None
-        # kept row r sorts at 2r + 1, a merged row anchored at a at 2a: before row a, after rows below it
-        keys = torch.cat([2 * self.keep + 1, 2 * self.merged.anchor.clamp(max=length)])
-        return torch.argsort(keys, stable=True)
+        cached = self.__dict__.get("_order")  # computed once per reduction (every per-row tensor uses it)
+        if cached is None or cached[0] != length:
+            # kept row r sorts at 2r + 1, a merged row anchored at a at 2a: before row a, after rows below it
+            keys = torch.cat([2 * self.keep + 1, 2 * self.merged.anchor.clamp(max=length)])
+            cached = self.__dict__["_order"] = (length, torch.argsort(keys, stable=True))
+        return cached[1]
 
     def rows(self, x: torch.Tensor, dim: int, values: torch.Tensor | None = None) -> torch.Tensor:
         """The new sequence's rows of a per-row tensor ``x`` ``[..., L, ...]`` (rows along ``dim``).
@@ -429,16 +432,38 @@ Selection = Reduction  # the first engine's name of the result of ``select``
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class LayerPlan:
-    """Per-layer compute for the visual rows (text rows always run the full layer)."""
+    """Per-layer compute for the skipping rows (rows of ``skip_kinds``; by default every visual row).
+
+    Default (tokenprune's layer skip): only the skipping rows skip, text rows run the full layer, keys and values
+    of every row are cached, and decoding is unchanged. Two switches give the seed's decoder (layer skip with
+    ``semantics: seed``):
+
+    * ``attn_all_rows``: a skipped attention is skipped for **every** row (no input norm, no projections, no
+      KV-cache entry for this layer), in the prefill and in every decoding step: ``u = h``;
+    * ``mlp_scales_text``: a skipped MLP gives every row ``mlp_scale * u`` plus, on the other rows,
+      ``MLP(LN2(u))`` (text residuals are scaled too), in the prefill only; decoding runs the full layer.
+    """
 
     skip_attn: bool = False
     skip_mlp: bool = False
-    mlp_scale: float = 1.0  # visual rows: h <- mlp_scale * u when the MLP is skipped
-    attn_scale: float = 1.0  # visual rows: u <- attn_scale * h when the attention is skipped
+    mlp_scale: float = 1.0  # skipping rows: h <- mlp_scale * u when the MLP is skipped
+    attn_scale: float = 1.0  # skipping rows: u <- attn_scale * h when the attention is skipped
+    attn_all_rows: bool = False  # the attention skip holds for every row, prefill and decode (no KV entries)
+    mlp_scales_text: bool = False  # the MLP skip scales the other rows' residual too (prefill)
+    skip_kinds: tuple[int, ...] = (IMAGE, VIDEO)  # layout kinds whose rows skip (the seed: IMAGE only)
+
+    def __post_init__(self):
+        if self.attn_all_rows and self.attn_scale != 1.0:
+            raise ValueError("LayerPlan: an attention skip for every row has no scalar (attn_scale must be 1.0)")
 
     @property
     def is_identity(self) -> bool:
         return not (self.skip_attn or self.skip_mlp)
+
+    def skipping(self, layout: TokenLayout) -> torch.Tensor:
+        """``[L]`` bool: the rows of ``layout`` that skip under this plan."""
+        kinds = torch.tensor(self.skip_kinds, dtype=layout.kind.dtype, device=layout.kind.device)
+        return torch.isin(layout.kind, kinds)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ Semantics (tested in ``tests/``):
     positions continue from the unpruned prompt length.
   * Batch size 1, or unpadded batches whose samples keep equally many tokens; padded batches are refused.
   * Per-call state lives on the call's KV cache object and dies with it: nothing survives across calls.
+  * Layer plans run in the prefill; a plan whose attention skip holds for every row (``attn_all_rows``, the seed's
+    decoder) skips that attention in every decoding step of the same cache too, and leaves a
+    ``SkippedAttentionLayer`` in its cache entry (no keys or values, only the row count: the cache length that
+    the stock code and the prefill detection read from layer 0 stays right).
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ from .family import FamilySpec, refuse_missing_input_ids
 from .report import OverheadTimer, PrefillReport
 from .scores import attention_probabilities, project_keys, project_queries
 from .sequence import PrefillSequence
-from .sublayers import run_planned_layer
+from .sublayers import run_layer_without_attention, run_planned_layer
 
 STATE_ATTRIBUTE = "_tokenprune_state"
-MIN_SCORE_CHUNK_BYTES = 4 * 2**20
+# Smallest score block (bytes). Small enough that scoring stays within a small model's own prefill peak (the
+# 1.1x test at N = 1024), large enough that the tiny trained models score in one block (HiMAP stage 2: <= 171 rows).
+MIN_SCORE_CHUNK_BYTES = 1536 * 2**10
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,6 +61,7 @@ class DecodeState:
     changed: bool = False  # the prefill left some layer with a shortened cache or shifted positions
     position_offset: int = 0  # original prompt length - layer-0 cache length after prefill
     layer_position_shift: dict[int, int] = field(default_factory=dict)  # re-indexed layers: decode position shift
+    attention_skipped: frozenset[int] = frozenset()  # layers whose attention every row skips, decoding included
 
 
 @dataclass
@@ -72,7 +79,7 @@ class PrefillCall:
 
 @dataclass
 class DecodeCall:
-    positions: torch.Tensor  # [B, P, L] of the new rows
+    positions: torch.Tensor | None  # [B, P, L] of the new rows (None: the prefill changed no rows)
     cache: DynamicCache
     decode: DecodeState
     tables: dict = field(default_factory=dict)  # shift -> (cos, sin)
@@ -140,6 +147,8 @@ class Driver:
 
         def forward(hidden_states, *args, **kwargs):
             call = self.active
+            if isinstance(call, DecodeCall) and index in call.decode.attention_skipped:
+                return run_layer_without_attention(layer, index, hidden_states, **kwargs)
             plan = call.plans.get(index) if isinstance(call, PrefillCall) else None
             if plan is None:
                 return stock_forward(hidden_states, *args, **kwargs)
@@ -186,9 +195,11 @@ class Driver:
         if call.cache is not None:
             setattr(call.cache, STATE_ATTRIBUTE, call.decode)
         if all(layout.num_visual == 0 for layout in seq.layouts):
-            warnings.warn(f"method {self.method.name!r}: the input has no visual tokens; running it unpruned",
+            # nothing to prune; the layers still report (a layer plan acting on text rows too, as the seed's
+            # layer skip does, runs and is counted)
+            warnings.warn(f"method {self.method.name!r}: the input has no visual tokens; nothing is pruned",
                           stacklevel=2)
-            call.report.record_unpruned(seq.layouts[0], len(self.layers))
+            call.report.tokens_entering_decoder, call.report.visual_entering_decoder = length, 0
             return call
         if self.changes_rows:
             _refuse_padding(kwargs.get("attention_mask"), batch)
@@ -238,8 +249,10 @@ class Driver:
 
     def _begin_decode(self, embeds: torch.Tensor, kwargs: dict, cache) -> DecodeCall | None:
         decode = getattr(cache, STATE_ATTRIBUTE, None)
-        if decode is None or not decode.changed:
+        if decode is None or not (decode.changed or decode.attention_skipped):
             return None  # a cache this driver did not prefill, or a prefill that kept everything: run stock
+        if not decode.changed:
+            return DecodeCall(positions=None, cache=cache, decode=decode)  # rows and positions are the stock ones
         batch, length = embeds.shape[:2]
         past = cache.get_seq_length(0)
         position_ids = self.family.decode_position_ids(kwargs.get("position_ids"), batch, length, past,
@@ -261,6 +274,8 @@ class Driver:
             return None
         self.last_report = call.report
         call.decode.changed = call.seq.changed
+        call.decode.attention_skipped = frozenset(
+            index for index, plan in call.plans.items() if plan is not None and plan.skip_attn and plan.attn_all_rows)
         if call.cache is not None:
             offset = call.seq.layouts[0].original_length - call.cache.get_seq_length(0)
             call.decode.position_offset = offset
@@ -304,10 +319,15 @@ class Driver:
         if not self.method.uses_layer_plan:
             return None
         plan = self.method.layer_plan(index, call.seq.layouts[0])
+        if plan is not None and plan.skip_attn and plan.attn_all_rows and self.changes_rows:
+            raise PruningInputError(f"layer {index}: an attention skip for every row (no KV-cache entry; layer skip "
+                                    "semantics 'seed') cannot be combined with token pruning")
         call.plans[index] = plan if plan is not None and not plan.is_identity else None
         return call.plans[index]
 
     def _decode_layer(self, index: int, call: DecodeCall, args, kwargs):
+        if not call.decode.changed:
+            return None  # every cache that holds keys has the full length: the stock masks and tables are right
         cache = call.cache
         hidden = args[0] if args else kwargs["hidden_states"]
         layer_length = cache.layers[index].get_seq_length() if index < len(cache.layers) else 0

@@ -56,18 +56,20 @@ def causal_key_sum(n: int) -> int:
 
 
 def layer_flops(shape: DecoderShape, tokens: int, attention_query_rows: int | None = None,
-                attention_key_sum: int | None = None, mlp_rows: int | None = None) -> float:
+                attention_key_sum: int | None = None, mlp_rows: int | None = None,
+                kv_rows: int | None = None) -> float:
     """tokenprune FLOPs of one prefill layer with ``tokens`` rows.
 
     Layer skip: only ``attention_query_rows`` rows (with ``attention_key_sum`` keys in total) are attention
-    queries, only ``mlp_rows`` rows run the MLP; keys and values are projected for every row.
+    queries, only ``mlp_rows`` rows run the MLP; keys and values are projected for ``kv_rows`` rows (default:
+    every row; 0 where the attention is skipped for every row).
     """
     q_width = shape.heads * shape.head_dim
     kv_width = shape.kv_heads * shape.head_dim
     query_rows = tokens if attention_query_rows is None else attention_query_rows
     key_sum = causal_key_sum(tokens) if attention_key_sum is None else attention_key_sum
     mlp_rows = tokens if mlp_rows is None else mlp_rows
-    kv_projection = 2 * tokens * shape.hidden * 2 * kv_width
+    kv_projection = 2 * (tokens if kv_rows is None else kv_rows) * shape.hidden * 2 * kv_width
     q_o_projection = 2 * query_rows * shape.hidden * 2 * q_width
     attention = 4 * q_width * key_sum  # scores + weighted values
     mlp = 2 * mlp_rows * shape.hidden * (shape.intermediate * 3 + shape.router)
@@ -84,17 +86,23 @@ def prefill_flops(shape: DecoderShape, layer_tokens: Sequence[int]) -> float:
 def planned_layer_flops(shape: DecoderShape, layout: "TokenLayout", plan: "LayerPlan | None" = None) -> float:
     """tokenprune FLOPs of one prefill layer over ``layout`` under ``plan`` (None: the full layer).
 
-    An attention skip removes the visual rows' q/o projections and their causal scores (row i sees i + 1 keys);
-    keys and values stay. An MLP skip removes the visual rows' MLP.
+    An attention skip removes the skipping (visual) rows' q/o projections and their causal scores (row i sees
+    i + 1 keys); keys and values stay. An attention skip for every row (``attn_all_rows``) removes the whole
+    attention. An MLP skip removes the skipping rows' MLP.
     """
     tokens = layout.length
     if plan is None or plan.is_identity:
         return layer_flops(shape, tokens)
-    text = layout.text_rows()
-    query_rows = text.numel() if plan.skip_attn else tokens
-    key_sum = int((text + 1).sum()) if plan.skip_attn else causal_key_sum(tokens)
-    mlp_rows = text.numel() if plan.skip_mlp else tokens
-    return layer_flops(shape, tokens, attention_query_rows=query_rows, attention_key_sum=key_sum, mlp_rows=mlp_rows)
+    computed = (~plan.skipping(layout)).nonzero().flatten()  # rows that are not skipping
+    if plan.skip_attn and plan.attn_all_rows:
+        query_rows, key_sum, kv_rows = 0, 0, 0
+    elif plan.skip_attn:
+        query_rows, key_sum, kv_rows = computed.numel(), int((computed + 1).sum()), tokens
+    else:
+        query_rows, key_sum, kv_rows = tokens, causal_key_sum(tokens), tokens
+    mlp_rows = computed.numel() if plan.skip_mlp else tokens
+    return layer_flops(shape, tokens, attention_query_rows=query_rows, attention_key_sum=key_sum, mlp_rows=mlp_rows,
+                       kv_rows=kv_rows)
 
 
 def planned_prefill_flops(shape: DecoderShape, layout: "TokenLayout", plans: Mapping[int, object]) -> float:

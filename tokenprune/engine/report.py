@@ -73,12 +73,6 @@ class PrefillReport:
             self.layer_plans[index] = plan
             self.plan_layouts[index] = layout
 
-    def record_unpruned(self, layout: TokenLayout, layers: int) -> None:
-        """A prefill the method left as it is (no visual tokens)."""
-        self.layer_tokens = [layout.length] * layers
-        self.layer_visual = [layout.num_visual] * layers
-        self.tokens_entering_decoder, self.visual_entering_decoder = layout.length, layout.num_visual
-
     @property
     def kept(self) -> dict[int, list[int]]:
         """Layer -> original row indices of the visual tokens that survived the selection at that layer (read

@@ -1,4 +1,4 @@
-"""Run one decoder layer under a LayerPlan: visual rows skip the attention and/or the MLP.
+"""Run one decoder layer under a LayerPlan: the skipping rows (visual rows) skip the attention and/or the MLP.
 
 Text rows always run the full layer. Skipped work is really skipped: an attention skip computes queries,
 scores and the output projection for text rows only (keys and values are still computed for every row and
@@ -6,6 +6,15 @@ cached, so text rows attend to visual tokens); an MLP skip runs the norm and the
 
     attention skip:  visual rows  u = attn_scale * h          text rows  u = h + Attn(LN1(h))
     MLP skip:        visual rows  y = mlp_scale * u           text rows  y = u + MLP(LN2(u))
+
+The seed's decoder (``LayerPlan.attn_all_rows`` / ``mlp_scales_text``, layer skip ``semantics: seed``):
+
+    attention skip:  every row    u = h   (no norm, projections or KV-cache entry; also while decoding)
+    MLP skip:        image rows   y = s * u                   other rows  y = s * u + MLP(LN2(u))   (prefill)
+
+A layer whose attention every row skips keeps a ``SkippedAttentionLayer`` in the KV cache (``cache.py``): no keys
+or values, only the count of rows that passed, so that every reader of the cache length (the stock
+``get_seq_length()`` reads layer 0) still gets the sequence length.
 
 Batches: the rows that are text in at least one sample are computed (the others are skipped); a row that is
 visual in some samples and text in others is computed and then replaced by the scaled residual where it is
@@ -20,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionMath
+from .cache import count_skipped_attention
 from .compat import cache_argument, set_cache_argument
-from .contract import TokenLayout
+from .contract import LayerPlan, TokenLayout
 from .flops import planned_layer_flops, planned_prefill_flops  # noqa: F401  (their former home)
 
 
@@ -35,11 +45,12 @@ class PlanRows:
     visual_in_compute: torch.Tensor | None
 
     @classmethod
-    def of(cls, layouts: list[TokenLayout]) -> "PlanRows":
-        visual = layouts[0].is_visual  # [L]
-        if all(torch.equal(layout.is_visual, visual) for layout in layouts[1:]):
-            return cls((~visual).nonzero().flatten(), None)
-        visual = torch.stack([layout.is_visual for layout in layouts])  # [B, L]
+    def of(cls, layouts: list[TokenLayout], plan: LayerPlan) -> "PlanRows":
+        """The rows of ``layouts`` (one per sample) that ``plan`` computes (those not of its ``skip_kinds``)."""
+        skipping = [plan.skipping(layout) for layout in layouts]  # [L] each
+        if all(torch.equal(rows, skipping[0]) for rows in skipping[1:]):
+            return cls((~skipping[0]).nonzero().flatten(), None)
+        visual = torch.stack(skipping)  # [B, L]
         compute = (~visual).any(0).nonzero().flatten()
         return cls(compute, visual[:, compute])
 
@@ -64,15 +75,19 @@ def run_planned_layer(math: AttentionMath, plan, layouts, hidden_states: torch.T
         raise ValueError(f"output_attentions=True cannot be combined with an attention skip (layer "
                          f"{math.layer_index}): visual rows have no attention map there")
     past_key_values = cache_argument({"past_key_values": past_key_values, "cache": kwargs.pop("cache", None)})
-    rows = PlanRows.of(layouts)
+    rows = PlanRows.of(layouts, plan)
     residual = hidden_states
-    normed = layer.input_layernorm(hidden_states)
 
-    if plan.skip_attn:
+    if plan.skip_attn and plan.attn_all_rows:  # the seed: no attention for any row, no KV entry
+        count_skipped_attention(past_key_values, math.layer_index, hidden_states.shape[1])
+        after_attention = residual
+    elif plan.skip_attn:
+        normed = layer.input_layernorm(hidden_states)
         attention_rows = text_query_attention(math, normed, rows.compute, position_embeddings,
                                               past_key_values, attention_mask)  # [B, C, d]
         after_attention = rows.combine(residual, residual[:, rows.compute] + attention_rows, plan.attn_scale)
     else:
+        normed = layer.input_layernorm(hidden_states)
         set_cache_argument(kwargs, type(layer.self_attn).forward, past_key_values)
         attention_output, _ = layer.self_attn(
             hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids,
@@ -82,9 +97,23 @@ def run_planned_layer(math: AttentionMath, plan, layouts, hidden_states: torch.T
 
     if plan.skip_mlp:
         computed = after_attention[:, rows.compute]  # [B, C, d]
-        computed = computed + layer.mlp(layer.post_attention_layernorm(computed))
+        if plan.mlp_scales_text:  # the seed: s * u + MLP(LN2(u)) on the computed rows
+            computed = computed * plan.mlp_scale + layer.mlp(layer.post_attention_layernorm(computed))
+        else:
+            computed = computed + layer.mlp(layer.post_attention_layernorm(computed))
         return rows.combine(after_attention, computed, plan.mlp_scale)
     return after_attention + layer.mlp(layer.post_attention_layernorm(after_attention))
+
+
+def run_layer_without_attention(layer, index: int, hidden_states: torch.Tensor, past_key_values=None, **kwargs
+                                ) -> torch.Tensor:
+    """A decoding step of a layer whose attention every row skips (the seed's decoder): ``h + MLP(LN2(h))``;
+    the new rows are counted in the layer's ``SkippedAttentionLayer`` (``[B, n, d]`` → ``[B, n, d]``)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"output_attentions=True cannot be combined with an attention skip (layer {index})")
+    cache = cache_argument({"past_key_values": past_key_values, "cache": kwargs.get("cache")})
+    count_skipped_attention(cache, index, hidden_states.shape[1])
+    return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
 def text_query_attention(math: AttentionMath, normed: torch.Tensor, query_rows: torch.Tensor, position_embeddings,

@@ -6,16 +6,22 @@ Card: ``shared/methods/layerskip.md``. In the listed decoder layers the visual r
 * stop being attention queries (``attn``): ``u = a_l * h``; their keys and values are still computed and cached,
   so text rows attend to them as usual.
 
-Text rows run the full layer; decoding runs full layers (new tokens are text). The policy comes inline
-(``mlp``, ``attn``, ``scalars``, ``attn_scalars``) or from ``policy=<file>``: a policy JSON / YAML written by
-``python -m tokenprune.calibrate layerskip``, or a model ``config.json`` (or its directory) carrying the seed's
-keys ``skip_layer_mlp`` / ``skip_layer_attn`` / ``mlp_scalars``. The seed skips a listed attention for *every*
-token; here it is the visual queries only (card §2.2).
+Text rows run the full layer; decoding runs full layers (new tokens are text). That is ``semantics: visual``,
+tokenprune's correction of the seed (card §2.2). ``semantics: seed`` is the seed's modified Qwen2.5-VL decoder
+(card §2.1): a skipped attention is skipped for every token (no norm, projections or KV-cache entry), in the
+prefill and in decoding; a skipped MLP gives every prefill row ``s * u`` plus, on non-image rows, ``MLP(LN2(u))``
+(text residuals are scaled too; video pads count as text), and decoding runs the full MLP.
+
+The policy comes inline (``mlp``, ``attn``, ``scalars``, ``attn_scalars``) or from ``policy=<file>``: a policy
+JSON / YAML written by ``python -m tokenprune.calibrate layerskip`` (it records its ``semantics``), or a model
+``config.json`` (or its directory) carrying the seed's keys ``skip_layer_mlp`` / ``skip_layer_attn`` /
+``mlp_scalars``, which runs with ``semantics: seed`` unless ``semantics`` is given.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +29,17 @@ from typing import Any, Mapping
 
 import yaml
 
+from ..engine.contract import IMAGE, VIDEO
 from .base import LayerPlan, Method, ModelInfo, check_layer, register
+
+log = logging.getLogger("tokenprune")
 
 OPS = ("mlp", "attn")
 POLICY_KEYS = ("skip_layer_mlp", "skip_layer_attn", "mlp_scalars", "attn_scalars")
+SEED_KEYS = ("skip_layer_mlp", "skip_layer_attn", "mlp_scalars")  # what the seed's decoder reads from config.json
+SEMANTICS = ("visual", "seed")
+SEED_FAMILIES = ("qwen25vl",)  # the seed patched Qwen2.5-VL's decoder only (card §2.1)
+MODEL_CONFIG_KEYS = ("model_type", "architectures")  # a file with one of these is a model config.json
 
 
 @dataclass
@@ -74,6 +87,13 @@ class SkipPolicy:
     @classmethod
     def load(cls, path: str | Path) -> "SkipPolicy":
         """Read a policy JSON / YAML file, a model ``config.json``, or a directory holding one."""
+        return cls.load_with_semantics(path)[0]
+
+    @classmethod
+    def load_with_semantics(cls, path: str | Path) -> tuple["SkipPolicy", str, str]:
+        """The policy of a file, the semantics it implies and why: the file's ``semantics`` key (policy files of the
+        search record it); ``seed`` for a model config.json (the seed's workflow: its keys edited into the
+        checkpoint's config); ``visual`` otherwise."""
         where = f"layerskip.policy ({path})"
         path = Path(path)
         if path.is_dir():
@@ -88,11 +108,18 @@ class SkipPolicy:
             raise ValueError(f"{where}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected a mapping with keys {list(POLICY_KEYS)}, got {type(data).__name__}")
+        semantics, reason = "visual", "a policy file without a semantics key"
+        if "semantics" in data:
+            semantics, reason = data["semantics"], "the file's semantics key"
+            if semantics not in SEMANTICS:
+                raise ValueError(f"{where}.semantics must be one of {list(SEMANTICS)}, got {semantics!r}")
+        elif any(key in data for key in MODEL_CONFIG_KEYS):
+            semantics, reason = "seed", "a model config.json with the seed's keys"
         if not any(key in data for key in POLICY_KEYS) and isinstance(data.get("text_config"), Mapping):
             data = data["text_config"]  # a model config.json may carry the keys in its text config
         if not any(key in data for key in POLICY_KEYS):
             raise ValueError(f"{where}: has none of the policy keys {list(POLICY_KEYS)}")
-        return cls.from_mapping(data, where)
+        return cls.from_mapping(data, where), semantics, reason
 
     # -- derived -----------------------------------------------------------------------------------------
     @property
@@ -118,11 +145,13 @@ class SkipPolicy:
         return SkipPolicy(self.mlp, self.attn + (layer,), dict(self.mlp_scalars),
                           {**self.attn_scalars, layer: float(scalar)})
 
-    def plans(self) -> dict[int, LayerPlan]:
-        """``{layer: LayerPlan}`` for every layer that skips something."""
+    def plans(self, semantics: str = "visual") -> dict[int, LayerPlan]:
+        """``{layer: LayerPlan}`` for every layer that skips something (``semantics``: "visual" or "seed")."""
+        seed = semantics == "seed"
         return {
             layer: LayerPlan(skip_attn=layer in self.attn, skip_mlp=layer in self.mlp,
-                             mlp_scale=self.mlp_scalars.get(layer, 1.0), attn_scale=self.attn_scalars.get(layer, 1.0))
+                             mlp_scale=self.mlp_scalars.get(layer, 1.0), attn_scale=self.attn_scalars.get(layer, 1.0),
+                             attn_all_rows=seed, mlp_scales_text=seed, skip_kinds=(IMAGE,) if seed else (IMAGE, VIDEO))
             for layer in sorted(set(self.mlp) | set(self.attn))
         }
 
@@ -134,6 +163,15 @@ class SkipPolicy:
             "mlp_scalars": {str(layer): self.mlp_scalars.get(layer, 1.0) for layer in self.mlp},
             "attn_scalars": {str(layer): self.attn_scalars.get(layer, 1.0) for layer in self.attn},
         }
+
+    def to_seed_config(self) -> dict[str, Any]:
+        """The seed's config.json keys (``skip_layer_mlp``, ``skip_layer_attn``, ``mlp_scalars`` with string keys)."""
+        scaled = {layer: value for layer, value in self.attn_scalars.items() if value != 1.0}
+        if scaled:
+            raise ValueError(f"attention scalars {scaled} cannot be written as the seed's config: the seed skips a "
+                             "listed attention for every token, without a scalar")
+        data = self.to_dict()
+        return {key: data[key] for key in SEED_KEYS}
 
     def format(self, digits: int = 4) -> str:
         """Seed-style lines: ``Skipped MLPs: [...]``, ``Skipped Attns: [...]``, ``Scalars: {...}``."""
@@ -177,8 +215,14 @@ class LayerSkip(Method):
     scalars: dict = field(default_factory=dict)  # {layer: s_l} for MLP-skipped layers (default 1.0)
     attn_scalars: dict = field(default_factory=dict)  # {layer: a_l} for attention-skipped layers (default 1.0)
     policy: str | None = None  # a policy file (JSON / YAML / model config.json) instead of the four fields above
+    # "visual" (tokenprune's correction: visual rows only, KV kept) or "seed" (the seed's Qwen2.5-VL decoder);
+    # null: "seed" for a model config.json with the seed's keys, the recorded one for a policy file, else "visual"
+    semantics: str | None = None
 
     def __post_init__(self):
+        if self.semantics is not None and self.semantics not in SEMANTICS:
+            raise ValueError(f"layerskip.semantics must be one of {list(SEMANTICS)} or null (visual, or seed for "
+                             f"a seed config.json), got {self.semantics!r}")
         names = {"skip_layer_mlp": "mlp", "skip_layer_attn": "attn", "mlp_scalars": "scalars",
                  "attn_scalars": "attn_scalars"}
         inline = SkipPolicy.from_fields(self.mlp, self.attn, self.scalars, self.attn_scalars, self.name, names)
@@ -191,19 +235,36 @@ class LayerSkip(Method):
             if not isinstance(self.policy, (str, Path)):
                 raise ValueError(f"layerskip.policy must be a file path or null, got {self.policy!r}")
             self.policy = str(self.policy)
-            self.skip_policy = SkipPolicy.load(self.policy)
+            self.skip_policy, implied, reason = SkipPolicy.load_with_semantics(self.policy)
             self._layer_names = {op: f"policy ({self.policy}) skip_layer_{op}" for op in OPS}
+            self._scalar_name = f"policy ({self.policy}) attn_scalars"
+            self.resolved_semantics = self.semantics or implied
+            if self.semantics is None and implied == "seed":
+                log.info("layerskip: %s is %s: running it with semantics 'seed' (the seed's decoder: a listed "
+                         "attention skipped for every token, text residuals scaled too); set "
+                         "method.semantics=visual for tokenprune's visual-row skip", self.policy, reason)
         else:
             self.skip_policy = inline
             self._layer_names = {op: op for op in OPS}
-        self._plans = self.skip_policy.plans()
+            self._scalar_name = f"{self.name}.attn_scalars"
+            self.resolved_semantics = self.semantics or "visual"
+        if self.resolved_semantics == "seed":
+            scaled = {layer: value for layer, value in self.skip_policy.attn_scalars.items() if value != 1.0}
+            if scaled:
+                raise ValueError(f"{self._scalar_name} {scaled}: semantics 'seed' skips a listed attention for every "
+                                 "token, without a scalar (use semantics 'visual' for attention scalars)")
+        self._plans = self.skip_policy.plans(self.resolved_semantics)
 
     @classmethod
-    def from_policy(cls, policy: SkipPolicy) -> "LayerSkip":
+    def from_policy(cls, policy: SkipPolicy, semantics: str = "visual") -> "LayerSkip":
         return cls(mlp=list(policy.mlp), attn=list(policy.attn), scalars=dict(policy.mlp_scalars),
-                   attn_scalars=dict(policy.attn_scalars))
+                   attn_scalars=dict(policy.attn_scalars), semantics=semantics)
 
     def validate(self, model: ModelInfo) -> None:
+        if self.resolved_semantics == "seed" and model.family not in SEED_FAMILIES:
+            raise ValueError(f"layerskip.semantics='seed' is the seed's modified Qwen2.5-VL decoder, defined for the "
+                             f"model families {list(SEED_FAMILIES)}; got {model.family!r}: use semantics 'visual' "
+                             "(tokenprune's visual-row skip, defined for every family)")
         for op in OPS:
             for i, layer in enumerate(self.skip_policy.layers(op)):
                 check_layer(self.name, f"{self._layer_names[op]}[{i}]", layer, model, minimum=0)
@@ -216,4 +277,26 @@ class LayerSkip(Method):
         return self._plans.get(layer)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "resolved_policy": self.skip_policy.to_dict()}
+        return {**super().describe(), "resolved_policy": self.skip_policy.to_dict(),
+                "resolved_semantics": self.resolved_semantics}
+
+
+def export_seed_config(policy: SkipPolicy, path: str | Path) -> tuple[Path, bool]:
+    """Write ``policy`` as the seed's config.json keys. An existing JSON object at ``path`` (e.g. a checkpoint's
+    config.json, the seed's workflow) keeps every other key; otherwise a file with the three keys is written.
+    Returns the path and whether an existing file was updated."""
+    path = Path(path)
+    keys = policy.to_seed_config()
+    data: dict[str, Any] = {}
+    existed = path.is_file()
+    if existed:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--export-seed-config {path}: exists and is not valid JSON: {error}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"--export-seed-config {path}: exists and is not a JSON object")
+    data.update(keys)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path, existed

@@ -42,6 +42,7 @@ class ModelAdapter(FamilySpec):
 
     tiny_model: str | None = None  # the family's tiny test architecture (a registered named model)
     option_keys: dict[str, tuple[str, ...]] = {}  # processor options per group: {"image": (...), "video": (...)}
+    video_runs_per_frame: bool = False  # a video is one placeholder run per temporal step (text between them)
 
     @property
     def model_class(self) -> type:
@@ -253,7 +254,9 @@ def load_model(name: str, path: str | None = None, weights: str = "pretrained", 
         else:
             config = spec.random_config()
             processor = spec.random_processor() if spec.random_processor else None
-        model = adapter.build_random(config, torch_dtype, attn_implementation, seed)
+        from .checks import build_random_on_device  # estimates the memory, then builds on the target device
+
+        model = build_random_on_device(name, spec.family, config, torch_dtype, attn_implementation, seed, target)
     model = model.to(target).eval()
     return VLM(name=name, model=model, processor=processor, adapter=adapter, options=options)
 

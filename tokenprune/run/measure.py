@@ -19,7 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import weakref
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..engine.apply import apply
@@ -155,14 +159,59 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class PeakMemory:
-    """Peak memory from ``start()`` to ``stop()``: CUDA allocated bytes on GPU, the process RSS high-water
-    mark on CPU (Linux ``/proc``; indicative only). ``before``: bytes in use at ``start()``."""
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensors created while the mode is active that are still alive, and their peak — on any device,
+    CPU included (where no allocator keeps such statistics). Counted per storage (views are free), when an
+    operation returns a storage that none of its inputs had, and released when the storage dies::
 
-    def __init__(self, device: torch.device):
+        with torch.no_grad(), TensorMemory() as memory:
+            model(**inputs)
+        memory.peak   # the most bytes of call-created tensors alive at once (activations, caches, scores)
+
+    Memory inside a fused kernel (SDPA's workspace) is not seen; every tensor Python code materialises is, such as
+    an attention map of L x L scores.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes = WeakIdKeyDictionary()  # storage -> bytes counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = None
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if storage in self._sizes:
+                continue
+            if inputs is None:
+                inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            if id(storage) in inputs:  # a view of (or in place on) a tensor that existed before the call
+                continue
+            size = storage.nbytes()
+            self._sizes[storage] = size
+            weakref.finalize(storage, self._release, size)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        return out
+
+    def _release(self, size: int) -> None:
+        self.live -= size
+
+
+class PeakMemory:
+    """Peak memory from ``start()`` to ``stop()``: CUDA allocated bytes on GPU; on CPU the process RSS high-water
+    mark (Linux ``/proc``; indicative only), or with ``cpu="tensors"`` the peak bytes of the tensors created in
+    the measured span (``TensorMemory``: exact, but slows the span down). ``before``: bytes in use at ``start()``."""
+
+    def __init__(self, device: torch.device, cpu: str = "rss"):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.kind = "cuda_allocated" if self.cuda else "process_rss"
+        self.tensors = TensorMemory() if not self.cuda and cpu == "tensors" else None
+        self.kind = "cuda_allocated" if self.cuda else ("tensor_bytes" if self.tensors else "process_rss")
         self.before = 0
         self.peak: int | None = None
 
@@ -172,6 +221,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = int(torch.cuda.memory_allocated(self.device))
+        elif self.tensors is not None:
+            self.tensors.__enter__()
         else:
             peak_rss_reset()
             self.before = current_rss_bytes()
@@ -181,6 +232,9 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self.tensors is not None:
+            self.tensors.__exit__(None, None, None)
+            self.peak = self.tensors.peak
         else:
             self.peak = peak_rss_bytes()
         return self

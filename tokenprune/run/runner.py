@@ -1,8 +1,11 @@
 """The benchmark runner: per sample, prepare → (unpruned run) → method run(s) → score → record.
 
-Everything that can be checked is checked before the model loads (``build_plan``). A sample that fails —
-a corrupt image, a missing file, an out-of-memory error, a generation error — is recorded with its error
-and the run goes on; memory is released after every sample; results already written are never lost.
+Everything that can be checked is checked before any model work (``build_plan``: every field, the architecture
+from ``config.json``, layer ranges, the hub when needed, sample ids). Then the run directory is locked and
+its ``run.json`` written. A sample that fails — a corrupt image, a missing file, an out-of-memory error, a
+generation error — is recorded with its error and the run goes on; memory is released after every sample;
+results already written are never lost. Two seams for sharded runs: ``samples_to_run`` (which samples this
+process runs) and ``ResultStore`` (where its records go).
 """
 
 from __future__ import annotations
@@ -12,50 +15,65 @@ import gc
 import json
 import logging
 import math
+import random
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from .. import methods as method_registry
-from ..data import available_datasets, create_dataset
 from ..methods.pdrop import stage_boundaries
-from ..models import adapter_named, available_models, load_model, model_options, model_spec
+from ..models import load_model, model_options
+from .checks import ConfigError, check_dataset, check_methods, check_model, dataset_identity
 from .measure import cut_at_stop, end_of_turn_ids, measure_generation, release_memory
-from .results import SUMMARY_FILE, ResultStore, format_table, read_records, summarize
+from .results import (SUMMARY_FILE, ResultStore, RunDirectoryBusy, format_table, is_error_record, read_records,
+                      summarize)
 
 log = logging.getLogger("tokenprune")
 
-# The embedded default (`python -m tokenprune` with no arguments): every honest baseline and both
-# attention-ranked methods at three budgets, beside the unpruned model.
+# The embedded comparison (`run.compare=embedded`, selected by `experiment=embedded`, the no-argument command):
+# every honest baseline and both attention-ranked methods at three budgets, beside the unpruned model.
 EMBEDDED_KEEP_RATIOS = (0.5, 0.25, 0.125)
 MODEL_METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "model_method"
 TIMING_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "total_ms", "overhead_ms")
 MEMORY_KEYS = ("peak_memory_bytes", "extra_peak_memory_bytes", "memory_kind", "kv_cache_bytes")
 
+__all__ = ["ConfigError", "Plan", "RunInterrupted", "build_plan", "run_benchmark", "samples_to_run"]
 
-class ConfigError(ValueError):
-    """A configuration refused at start-up; the message names the field and the allowed values."""
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: what was done, and where (the records written so far are kept)."""
+
+    def __init__(self, done: int, total: int, run_dir: Path):
+        super().__init__(f"interrupted after {done} of {total} samples")
+        self.done, self.total, self.run_dir = done, total, run_dir
 
 
 @dataclass
 class Plan:
-    model: dict
+    model: dict  # checked model fields
     methods: dict  # label -> Method
     dataset: object
-    indices: list[int]
+    indices: list[int]  # the dataset indices of this run's samples
     max_new_tokens: int
-    output_dir: Path
+    output_dir: Path | None
     paired: bool
     baseline_label: str | None
     logger: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)  # model, dataset and settings that make runs comparable
+    seed: int = 0
+    retry_errors: bool = False
 
     def signature(self) -> dict:
         return {"model": self.model, "methods": {k: m.describe() for k, m in self.methods.items()},
-                "dataset": self.config.get("dataset"), "max_new_tokens": self.max_new_tokens}
+                "dataset": self.config.get("dataset"), "max_new_tokens": self.max_new_tokens,
+                "identity": self.identity}
 
 
 def method_label(method) -> str:
@@ -92,8 +110,16 @@ def embedded_comparison(num_layers: int) -> list[dict]:
     return specs
 
 
-def _as_dict(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else dict(node)
+def _as_dict(node, where: str = "", strict: bool = False) -> dict:
+    """A config node as a plain dict; ``strict``: a required value (``???``) left unset is a ConfigError."""
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return dict(node)
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=strict)
+    except MissingMandatoryValue as error:
+        key = f"{where}.{error.full_key}" if where and not str(error.full_key).startswith(where) else error.full_key
+        raise ConfigError(f"{key} is required (it is ??? in the configuration); give it on the command line, "
+                          f"e.g. {key}=...") from error
 
 
 def model_method_settings(model_name: str, method_name: str) -> dict:
@@ -103,7 +129,7 @@ def model_method_settings(model_name: str, method_name: str) -> dict:
     return _as_dict(OmegaConf.load(path)) if path.is_file() else {}
 
 
-def _create_method(spec, where: str, model_name: str | None = None):
+def _create_method(spec, where: str, model_name: str | None = None, seed: int | None = None):
     if isinstance(spec, str):
         spec = {"name": spec}
     spec = dict(spec)
@@ -113,122 +139,178 @@ def _create_method(spec, where: str, model_name: str | None = None):
         spec = {**model_method_settings(model_name, spec["name"]), **spec}
     name = spec.pop("name")
     try:
+        cls = method_registry.method_class(name)
+        if seed is not None and "seed" not in spec and dataclasses.is_dataclass(cls) and \
+                "seed" in {f.name for f in dataclasses.fields(cls)}:
+            spec["seed"] = seed  # a seeded method not given its own seed follows run.seed
         return method_registry.create(name, **spec)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{where}: {error}") from error
 
 
-def build_plan(cfg: DictConfig, command_has_arguments: bool = True) -> Plan:
-    """Validate the whole configuration and build methods and dataset; no model is loaded here."""
-    model = _as_dict(cfg.model)
-    name = model.get("name")
-    if name not in available_models():
-        raise ConfigError(f"model={name!r} is unknown; available models: {', '.join(available_models())}")
-    spec = model_spec(name)
-    if model.get("path") in ("???", ""):
-        model["path"] = None
-    if model.get("weights") == "pretrained" and not model.get("path") and spec.default_path() is None:
-        raise ConfigError(f"model.path is required for model={name} (a local checkpoint directory"
-                          + (f", e.g. a copy of {spec.hub_id})" if spec.hub_id else ")")
-                          + "; or weights=random for the architecture with random weights")
-    try:
-        adapter_named(spec.family).check_options(model_options(model))
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+def _check_count(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{name} must be an integer >= {minimum} or null, got {value!r}")
+
+
+def build_plan(cfg: DictConfig, resolve_output_dir: bool = True) -> Plan:
+    """Validate the whole configuration and build methods and dataset; no model weight is loaded here.
+
+    ``resolve_output_dir=False``: check a sweep job's configuration before Hydra has given it a directory.
+    """
     run = cfg.run
-    n_samples = run.get("n_samples")
-    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0):
-        raise ConfigError(f"run.n_samples must be a non-negative integer or null, got {n_samples!r}")
+    seed = run.get("seed", 0)
+    _check_count("run.seed", seed, 0)
+    seed = seed or 0
+    model = check_model(_as_dict(cfg.model, "model"), seed=seed)
     max_new_tokens = run.get("max_new_tokens")
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise ConfigError(f"run.max_new_tokens must be a positive integer or null, got {max_new_tokens!r}")
+    _check_count("run.max_new_tokens", max_new_tokens, 1)
+    retry_errors = run.get("retry_errors", False)
+    if not isinstance(retry_errors, bool):
+        raise ConfigError(f"run.retry_errors must be true or false, got {retry_errors!r}")
 
-    dataset_cfg = _as_dict(cfg.dataset)
-    dataset_name = dataset_cfg.pop("name", None)
-    if dataset_name not in available_datasets():
-        raise ConfigError(f"dataset={dataset_name!r} is unknown; available datasets: {', '.join(available_datasets())}")
+    dataset_cfg = _dataset_fields(cfg)
+    dataset = check_dataset(dataset_cfg)
 
-    main = _create_method(_as_dict(cfg.method), "method")
+    main = _create_method(_as_dict(cfg.method, "method", strict=True), "method")
     compare = run.get("compare")
-    if compare == "embedded" or (compare == "auto" and not command_has_arguments):
-        compare = embedded_comparison(_num_layers(spec, model))
+    if compare == "embedded":
+        compare = embedded_comparison(model.info.num_layers)
     elif compare == "auto":
-        compare = []
+        raise ConfigError("run.compare=auto was removed: the embedded comparison is the preset experiment=embedded "
+                          "(what python -m tokenprune runs when the command names no method)")
     elif compare is None:
         compare = []
     elif not isinstance(compare, (list, ListConfig)):
-        raise ConfigError(f"run.compare must be a list of method specs, 'auto' or 'embedded', got {compare!r}")
+        raise ConfigError(f"run.compare must be a list of method specs or 'embedded', got {compare!r}")
     methods: dict = {}
-    paired = bool(run.get("paired", True))
+    paired = run.get("paired", True)
+    if not isinstance(paired, bool):
+        raise ConfigError(f"run.paired must be true or false, got {paired!r}")
     if paired:
         methods["baseline"] = method_registry.create("baseline")
     for index, method_spec in enumerate([main, *_as_list(compare)]):
         method = method_spec if isinstance(method_spec, method_registry.Method) else \
-            _create_method(method_spec, f"run.compare[{index - 1}]", model_name=name)
+            _create_method(method_spec, f"run.compare[{index - 1}]", model_name=model.spec.name, seed=seed)
         methods.setdefault(method_label(method), method)
+    check_methods(methods, model.info)
 
     logger = _as_dict(cfg.logger) if cfg.get("logger") is not None else {"name": "none"}
     if logger.get("name") not in ("none", "wandb"):
         raise ConfigError(f"logger={logger.get('name')!r} is unknown; choose from ['none', 'wandb']")
-    try:
-        dataset = create_dataset(dataset_name, **dataset_cfg)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"dataset={dataset_name}: {error}") from error
-    total = len(dataset)
-    indices = list(range(total if n_samples is None else min(total, n_samples)))
-    return Plan(model=model, methods=methods, dataset=dataset, indices=indices,
-                max_new_tokens=max_new_tokens or dataset.max_new_tokens, output_dir=Path(run.output_dir),
-                paired=paired, baseline_label="baseline" if paired else None, logger=logger,
-                config={"dataset": {"name": dataset_name, **dataset_cfg}})
+    indices = list(range(len(dataset)))
+    _check_unique_ids(dataset, indices)
+    identity = {"model": model.identity, "dataset": dataset_identity(dataset, dataset_cfg),
+                "settings": {"max_new_tokens": max_new_tokens or dataset.max_new_tokens, "paired": paired,
+                             **{k: model.fields[k] for k in ("attn_implementation", "video", "processor")}}}
+    return Plan(model=model.fields, methods=methods, dataset=dataset, indices=indices,
+                max_new_tokens=max_new_tokens or dataset.max_new_tokens,
+                output_dir=Path(run.output_dir) if resolve_output_dir else None, paired=paired,
+                baseline_label="baseline" if paired else None, logger=logger, config={"dataset": dataset_cfg},
+                identity=identity, seed=seed, retry_errors=retry_errors)
+
+
+def _dataset_fields(cfg) -> dict:
+    """``dataset.*`` with the deprecated sample counts mapped onto ``dataset.limit`` (said once)."""
+    fields = _as_dict(cfg.dataset, "dataset", strict=True)
+    for owner, value in (("dataset.n_samples", fields.pop("n_samples", None)),
+                         ("run.n_samples", cfg.run.get("n_samples"))):
+        if value is None:
+            continue
+        _check_count(owner, value, 0)
+        log.warning("%s is deprecated: use dataset.limit=%s (dataset.seed picks which samples)", owner, value)
+        fields["limit"] = value
+    return fields
+
+
+def _check_unique_ids(dataset, indices: list[int]) -> None:
+    """Resuming finds finished samples by id: two samples with one id would collapse into one."""
+    seen: dict[str, int] = {}
+    repeated = []
+    for index in indices:
+        sample_id = _sample_id(dataset, index)
+        if sample_id in seen:
+            repeated.append(f"{sample_id!r} (samples {seen[sample_id]} and {index})")
+        seen.setdefault(sample_id, index)
+    if repeated:
+        raise ConfigError(f"dataset={dataset.name}: sample ids must be unique; repeated: {', '.join(repeated[:10])}")
 
 
 def _as_list(value) -> list:
     return list(OmegaConf.to_container(value, resolve=True)) if isinstance(value, ListConfig) else list(value)
 
 
-def _num_layers(spec, model: dict) -> int:
-    if model.get("path"):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model["path"])
-    else:
-        config = spec.random_config()
-    return config.get_text_config().num_hidden_layers
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------------------
-def run_benchmark(cfg: DictConfig, command_has_arguments: bool = True, plan: Plan | None = None) -> dict:
+def samples_to_run(plan: Plan, done: dict) -> list[int]:
+    """Which of the plan's samples this process runs: those not recorded yet (a shard would take its share)."""
+    return [i for i in plan.indices if _sample_id(plan.dataset, i) not in done]
+
+
+def open_store(plan: Plan) -> ResultStore:
+    """Where this process's records go: the run directory, locked (a second writer is refused)."""
+    try:
+        return ResultStore(plan.output_dir, plan.signature())
+    except RunDirectoryBusy as error:
+        raise ConfigError(str(error)) from error
+
+
+def run_benchmark(cfg: DictConfig, plan: Plan | None = None) -> dict:
     """Run (or resume) a benchmark; returns the summary (also written to ``summary.json``)."""
-    plan = plan or build_plan(cfg, command_has_arguments)
-    store = ResultStore(plan.output_dir, plan.signature())
-    (plan.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    done = store.load()
-    vlm = _load(plan.model)
+    plan = plan or build_plan(cfg)
+    print(f"tokenprune: run directory {plan.output_dir}", flush=True)
+    labels = list(plan.methods)
+    with open_store(plan) as store:
+        (plan.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        done = store.load()
+        if plan.retry_errors:
+            failed = {sample_id for sample_id, record in done.items() if is_error_record(record)}
+            if failed:
+                store.drop(failed)
+                done = {k: v for k, v in done.items() if k not in failed}
+                print(f"retrying {len(failed)} sample(s) whose records hold errors", flush=True)
+        todo = samples_to_run(plan, done)
+        if done:
+            print(f"resumed: {len(plan.indices) - len(todo)} of {len(plan.indices)} samples done", flush=True)
+        sink = _make_sink(plan, cfg)
+        if todo:
+            _run_samples(plan, cfg, store, done, todo, labels, sink)
+    records = read_records(plan.output_dir)
+    summary = summarize(records, labels, plan.dataset.scorer, plan.baseline_label)
+    if sink is not None:
+        sink.finish(records, summary, labels)
+    errors = error_kinds(records)
+    payload = {"model": plan.model["name"], "dataset": plan.dataset.name, "samples": len(plan.indices),
+               "methods": summary, "identity": plan.identity, "scored": _scored_samples(records),
+               "errors_by_kind": errors}
+    (plan.output_dir / SUMMARY_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    print(format_table(summary, f"{plan.dataset.name} · {plan.model['name']} · {len(plan.indices)} samples"))
+    if errors:
+        print("errors by kind: " + ", ".join(f"{kind} × {count}" for kind, count in errors.items()))
+    print(f"tokenprune: results in {plan.output_dir} (results.jsonl, summary.json)", flush=True)
+    return payload
+
+
+def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int], labels: list[str], sink) -> None:
+    vlm = load_vlm(plan.model)
     # The model's objects never become garbage: move them out of the collector's sight, so the per-sample
     # collection (which frees cyclic garbage left by a failed or finished generation) stays cheap.
     gc.collect()
     gc.freeze()
-    info = vlm.info()
-    for label, method in plan.methods.items():
-        try:
-            method.validate(info)
-        except ValueError as error:
-            raise ConfigError(f"{label}: {error}") from error
-    sink = _make_sink(plan, cfg)
     eos = end_of_turn_ids(vlm) or None
-    labels = list(plan.methods)
     main_label = labels[1] if plan.paired and len(labels) > 1 else labels[0]
     running = {"correct": 0.0, "n": 0}
     for record in done.values():
         _update_running(running, record, main_label)
-    todo = [i for i in plan.indices if not done or _sample_id(plan.dataset, i) not in done]
-    progress = _progress(cfg, total=len(plan.indices), initial=len(plan.indices) - len(todo))
+    finished = len(plan.indices) - len(todo)
+    progress = _progress(cfg, total=len(plan.indices), initial=finished)
     try:
         for index in todo:
+            _seed_everything(plan.seed)  # each sample sees the same random state, whatever ran before it
             record = run_sample(vlm, plan, index, eos)
             store.append(record)
+            finished += 1
             _update_running(running, record, main_label)
             if sink is not None:
                 sink.log_sample(record, labels)
@@ -236,25 +318,52 @@ def run_benchmark(cfg: DictConfig, command_has_arguments: bool = True, plan: Pla
             if running["n"]:
                 progress.set_postfix_str(f"{main_label} acc {100 * running['correct'] / running['n']:.1f}%")
             release_memory()
+    except KeyboardInterrupt as interrupt:
+        raise RunInterrupted(finished, len(plan.indices), plan.output_dir) from interrupt
     finally:
         progress.close()
         gc.unfreeze()
-    records = read_records(plan.output_dir)
-    summary = summarize(records, labels, plan.dataset.scorer, plan.baseline_label)
-    payload = {"model": plan.model["name"], "dataset": plan.dataset.name, "samples": len(plan.indices),
-               "methods": summary}
-    (plan.output_dir / SUMMARY_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    table = format_table(summary, f"{plan.dataset.name} · {plan.model['name']} · {len(plan.indices)} samples")
-    print(table)
-    if sink is not None:
-        sink.finish(records, summary, labels)
-    return payload
 
 
-def _load(model: dict):
-    return load_model(model["name"], path=model.get("path"), weights=model.get("weights", "pretrained"),
-                      dtype=model.get("dtype", "float32"), device=model.get("device", "auto"),
-                      attn_implementation=model.get("attn_implementation", "sdpa"), options=model_options(model))
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def error_kinds(records: list[dict]) -> dict[str, int]:
+    """How many errors of each kind (``ModelInputError``, ``out of memory``, ...): a failed sample counts once,
+    a failed method run on a prepared sample once per method."""
+    kinds = Counter()
+    for record in records:
+        if record.get("error") is not None:
+            kinds[_kind(record["error"])] += 1
+            continue
+        for run in record.get("runs", {}).values():
+            if run.get("error") is not None:
+                kinds[_kind(run["error"])] += 1
+    return dict(kinds.most_common())
+
+
+def _kind(error: str) -> str:
+    return str(error).split(":", 1)[0].strip() or "error"
+
+
+def _scored_samples(records: list[dict]) -> int:
+    return sum(1 for r in records if any(run.get("score") is not None for run in r.get("runs", {}).values()))
+
+
+def load_vlm(model: dict):
+    """Load the checked model (``plan.model``), with the processor options of a user's model YAML."""
+    vlm = load_model(model["name"], path=model.get("path"), weights=model.get("weights", "pretrained"),
+                     dtype=model.get("dtype", "float32"), device=model.get("device", "auto"),
+                     attn_implementation=model.get("attn_implementation", "sdpa"), seed=model.get("seed", 0),
+                     options=model_options(model))
+    if model.get("processor") and model.get("path"):
+        from transformers import AutoProcessor
+
+        vlm.processor = AutoProcessor.from_pretrained(model["path"], **model["processor"])
+    return vlm
 
 
 def _sample_id(dataset, index: int) -> str:
@@ -271,6 +380,8 @@ def run_sample(vlm, plan: Plan, index: int, eos) -> dict:
     try:
         sample = plan.dataset[index]
         record.update(id=sample.id, question=sample.question, answer=sample.answer, meta=dict(sample.meta))
+        if not str(sample.question or "").strip():
+            log.warning("sample %s: the question is empty", sample.id)
         inputs = vlm.prepare(sample)
     except Exception as error:  # corrupt image, missing file, unreadable video, bad row
         record["error"] = _describe(error)

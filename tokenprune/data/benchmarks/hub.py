@@ -12,13 +12,11 @@ from __future__ import annotations
 import functools
 from abc import abstractmethod
 import hashlib
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..base import Dataset, DatasetError, check_count, check_stop
+from ..base import Dataset, DatasetError, check_count, check_seed, check_stop, select_rows
 from ..sample import Sample
 
 FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -153,27 +151,6 @@ def prepare(owner: str, table, source: str, columns: tuple[str, ...], image_colu
     return table
 
 
-def select_rows(n: int, limit: int | None, seed: int | None, groups: list | None = None) -> list[int]:
-    """At most ``limit`` row indices, in table order: the first rows (``seed`` null) or a seeded random subset.
-
-    With ``groups`` (one key per row), rows of a group are taken together or not at all (MME's question pairs,
-    MMBench's rotated copies), so the subset may hold slightly fewer than ``limit`` rows.
-    """
-    if limit is None or limit >= n:
-        return list(range(n))
-    members: dict[Any, list[int]] = {}
-    for row, key in enumerate(groups if groups is not None else range(n)):
-        members.setdefault(key, []).append(row)
-    keys = list(members)
-    if seed is not None:
-        keys = random.Random(seed).sample(keys, len(keys))
-    chosen: list[int] = []
-    for key in keys:
-        if len(chosen) + len(members[key]) <= limit:
-            chosen += members[key]
-    return sorted(chosen)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Samples
 # ---------------------------------------------------------------------------------------------------------
@@ -238,13 +215,12 @@ class Benchmark(Dataset):
         check_count(self.name, "limit", self.limit)
         check_count(self.name, "max_new_tokens", self.max_new_tokens, allow_none=False, minimum=1)
         self.stop = check_stop(self.name, self.stop)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"{self.name}.seed must be an integer or null, got {self.seed!r}")
+        check_seed(self.name, self.seed)
         self.hub_names = list(self.hub_names)
         self.check()
         self.scorer = self.make_scorer()
         self._table = self.load()
-        self._rows = select_rows(len(self._table), self.limit, self.seed, self.groups(self._table))
+        self._rows = select_rows(self.name, len(self._table), self.limit, self.seed, self.groups(self._table))
         self._ids = self.ids(self._table, self._rows)
 
     # -- what subclasses provide ------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class MMEScore(Scorer):
     """
 
     headline = "perception_score"
+    headline_unit = "points"
+    headline_range = (0.0, 2000.0)  # 10 perception categories x (acc + acc+), 200 each
 
     def score(self, prediction: str, sample: Sample) -> float:
         return float(parse_yes_no(prediction) == str(sample.answer).lower().strip().replace(".", ""))

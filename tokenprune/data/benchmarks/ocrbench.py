@@ -35,6 +35,8 @@ def ocrbench_match(prediction: str, answers: list[str], source: str | None) -> b
 
 class OCRBenchScore(Scorer):
     headline = "final_score"
+    headline_unit = "answers"
+    headline_range = (0.0, 1000.0)  # one point per question
 
     def score(self, prediction: str, sample: Sample) -> float:
         answers = sample.answer if isinstance(sample.answer, list) else [sample.answer]

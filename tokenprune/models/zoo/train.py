@@ -392,10 +392,10 @@ def initialise_positions(model, scale: float) -> None:
 def sample_stream(recipe: Recipe, video: bool):
     """An endless, seeded stream of training samples (split=train, disjoint from the test split)."""
     if video:
-        dataset = SyntheticVideoQA(n_samples=10**9, seed=recipe.seed, split="train", frames=recipe.video_frames,
+        dataset = SyntheticVideoQA(limit=10**9, seed=recipe.seed, split="train", frames=recipe.video_frames,
                                    frame_size=recipe.video_frame_size, tasks=recipe.video_tasks)
     else:
-        dataset = SyntheticImageQA(n_samples=10**9, seed=recipe.seed, split="train", image_size=recipe.image_size,
+        dataset = SyntheticImageQA(limit=10**9, seed=recipe.seed, split="train", image_size=recipe.image_size,
                                    tasks=recipe.image_tasks)
     index = 0
     while True:
@@ -424,9 +424,9 @@ def evaluate(vlm, dataset, limit: int | None = None) -> dict[str, float]:
 
 def held_out(recipe: Recipe, video: bool, n: int):
     if video:
-        return SyntheticVideoQA(n_samples=n, seed=recipe.seed, split="test", frames=recipe.video_frames,
+        return SyntheticVideoQA(limit=n, seed=recipe.seed, split="test", frames=recipe.video_frames,
                                 frame_size=recipe.video_frame_size, tasks=recipe.video_tasks)
-    return SyntheticImageQA(n_samples=n, seed=recipe.seed, split="test", image_size=recipe.image_size,
+    return SyntheticImageQA(limit=n, seed=recipe.seed, split="test", image_size=recipe.image_size,
                             tasks=recipe.image_tasks)
 
 

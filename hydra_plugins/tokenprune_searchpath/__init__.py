@@ -1,0 +1,1 @@
+"""tokenprune's Hydra search-path plugin (see tokenprune_searchpath.py)."""
