@@ -197,13 +197,23 @@ def test_pdrop_learns_the_rotary_scheme_per_call_without_changing_itself():
 
 
 def test_tiny_pdrop_boundaries_follow_the_stated_rule():
-    """conf/model_method/tiny_*_pdrop.yaml hold i·floor(L/4), i = 1..3 (8, 16, 24 on 32 layers), as the README says."""
+    """Every conf/model_method/<model>_pdrop.yaml holds i·floor(L/4), i = 1..3 (8, 16, 24 on 32 layers), as the
+    README and the YAMLs' comments say: [1, 2, 3] on the 6-layer tiny models, trained or random."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
     from tokenprune.methods.pdrop import stage_boundaries
     from tokenprune.run.runner import model_method_settings
 
     assert stage_boundaries(32) == [8, 16, 24] and stage_boundaries(28) == [7, 14, 21]
-    from transformers import AutoConfig
-
-    for model in ("tiny_llava", "tiny_qwen25vl"):
-        layers = AutoConfig.from_pretrained(tp.models.model_spec(model).default_path()).get_text_config().num_hidden_layers
-        assert model_method_settings(model, "pdrop")["layers"] == stage_boundaries(layers) == [1, 2, 3]
+    files = sorted((Path(tp.__file__).parent / "conf" / "model_method").glob("*_pdrop.yaml"))
+    models = [path.name[: -len("_pdrop.yaml")] for path in files]
+    assert {"tiny_llava", "tiny_qwen25vl", "tiny_qwen2vl", "tiny_qwen3vl"} <= set(models)
+    for model in models:
+        spec = tp.models.model_spec(model)
+        path = spec.default_path()
+        config = AutoConfig.from_pretrained(path) if path is not None else spec.random_config()
+        layers = config.get_text_config().num_hidden_layers
+        assert model_method_settings(model, "pdrop")["layers"] == stage_boundaries(layers) == [1, 2, 3], model
+        assert "i * floor(L / 4)" in (Path(tp.__file__).parent / "conf" / "model_method" / f"{model}_pdrop.yaml").read_text()
