@@ -273,7 +273,12 @@ HIMAP_ROWS = {  # label -> (docs row name, README row name)
     "baseline": ("baseline", "baseline"),
     "himap(image_layer=4)": ("**HiMAP** K1 = 2, K2 = 4", "HiMAP"),
     "fastv(keep_ratio=0.3125)": ("FastV K = 2, keep 0.3125", "FastV"),
-    "pdrop(layers=[2,4],ratios=[0.5,0.125])": ("PDrop [2, 4], [0.5, 0.125]", "PDrop"),
+    # positions: auto, the official re-numbering on LLaVA and the original 3-D positions (the `keep` extension) on
+    # Qwen2.5-VL's mRoPE, where re-numbering has no official reference: the row says so
+    "pdrop(layers=[2,4],ratios=[0.5,0.125])": ("PDrop [2, 4], [0.5, 0.125] (LLaVA: official re-numbered positions; "
+                                               "Qwen2.5-VL: original 3-D positions, an extension)",
+                                               "PDrop (LLaVA: official positions; Qwen2.5-VL: 3-D positions kept, an "
+                                               "extension)"),
     "random(keep_ratio=0.3125)": ("random K = 2, keep 0.3125", "random"),
     "uniform(keep_ratio=0.3125)": ("uniform K = 2, keep 0.3125", "uniform"),
 }
