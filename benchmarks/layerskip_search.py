@@ -111,7 +111,7 @@ def calibration_scores(policies: list[tuple[str, dict]], n_samples: int, answer_
     for model, mapping in policies:
         torch.manual_seed(0)
         vlm, _ = load_default(model)
-        dataset = create_dataset("synthetic_image", split="train", n_samples=n_samples)
+        dataset = create_dataset("synthetic_image", split="train", limit=n_samples)
         calibration = Calibration(vlm, list(dataset), answer_tokens=answer_tokens)
         scores.append(calibration.score(SkipPolicy.from_mapping(mapping, "stored policy")))
     return scores

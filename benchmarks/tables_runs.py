@@ -10,6 +10,8 @@ committed number is always what its records give. ``quick=True`` re-runs the fir
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import statistics
 import tempfile
@@ -36,10 +38,11 @@ def run_command(overrides: list[str], quick: bool, keep_timing: bool = False, no
     ``no_arguments``: the command is bare ``python -m tokenprune`` (the embedded comparison)."""
     from hydra import compose, initialize_config_module
 
+    from tokenprune.__main__ import with_default_experiment
     from tokenprune.run.results import read_records
     from tokenprune.run.runner import run_benchmark
 
-    overrides = list(overrides)
+    overrides = with_default_experiment(list(overrides)) if no_arguments else list(overrides)
     if quick:
         dataset = next((o.split("=", 1)[1] for o in overrides if o.startswith("dataset=")), "synthetic_image")
         overrides = [o for o in overrides if not o.startswith("dataset.limit=")]
@@ -47,7 +50,7 @@ def run_command(overrides: list[str], quick: bool, keep_timing: bool = False, no
     with tempfile.TemporaryDirectory() as directory:
         with initialize_config_module("tokenprune.conf", version_base=None):
             cfg = compose("config", overrides=[f"run.output_dir={directory}", "run.progress=false", *overrides])
-        payload = run_benchmark(cfg, command_has_arguments=not no_arguments)
+        payload = run_benchmark(cfg)
         records = read_records(directory)
     labels = list(payload["methods"])
     keep = RUN_KEYS + (TIMED if keep_timing else ())
@@ -78,13 +81,25 @@ def measure_runs(commands: dict[str, list[str]], quick: bool, keep_timing: bool 
     return {"meta": meta(command), "runs": runs, "records": records}
 
 
+_SUMMARIES: dict[str, dict] = {}  # the summaries already computed in this process, by the records they summarise
+
+
 def summary(data: dict, run: str) -> dict:
-    """The runner's summary (per method label) of one run's stored records."""
+    """The runner's summary (per method label) of one run's stored records (its pure-Python bootstrap takes seconds
+    per run, so a summary is computed once per process for the same records; the table check renders every table
+    several times)."""
+    info = data["runs"][run]
+    records = [r for r in data["records"] if r.get("run") == run]
+    key = json.dumps([info, records], sort_keys=True)
+    if key not in _SUMMARIES:
+        _SUMMARIES[key] = _summary(info, records)
+    return copy.deepcopy(_SUMMARIES[key])
+
+
+def _summary(info: dict, records: list[dict]) -> dict:
     from tokenprune.data import create_dataset
     from tokenprune.run.results import summarize
 
-    info = data["runs"][run]
-    records = [r for r in data["records"] if r.get("run") == run]
     scorer = create_dataset(info["dataset"]).scorer
     return summarize(records, info["labels"], scorer, "baseline" if "baseline" in info["labels"] else None)
 
