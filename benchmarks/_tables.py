@@ -21,6 +21,7 @@ import datetime
 import importlib.util
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -43,6 +44,7 @@ class Source:
     measure: Callable[[bool], dict]  # quick -> data
     volatile: tuple[str, ...] = ()  # keys left out of the staleness check (timings, memory), at any depth
     doc: str = ""
+    tolerance: dict[str, float] = field(default_factory=dict)  # key -> relative tolerance of the staleness check
 
 
 @dataclass
@@ -56,13 +58,19 @@ SOURCES: dict[str, Source] = {}
 TABLES: dict[str, Table] = {}
 
 
-def source(name: str, volatile: tuple[str, ...] = ()):
-    """Register ``fn(quick: bool) -> data`` as the source ``name`` (data file ``docs/tables/<name>.json``)."""
+def source(name: str, volatile: tuple[str, ...] = (), tolerance: dict[str, float] | None = None):
+    """Register ``fn(quick: bool) -> data`` as the source ``name`` (data file ``docs/tables/<name>.json``).
+
+    ``tolerance``: top-level record keys whose floats the staleness check compares within a relative tolerance
+    instead of exactly — only for values at the rounding level of their dtype (a float32 KL of ~1e-7 between
+    nearly equal distributions changes in its third digit when an unrelated kernel changes its summation order);
+    the source states why next to the value."""
 
     def decorator(fn):
         if name in SOURCES and not _same(SOURCES[name].measure, fn):
             raise ValueError(f"table source {name!r} is registered twice")
-        SOURCES[name] = Source(name, fn, tuple(volatile), (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        SOURCES[name] = Source(name, fn, tuple(volatile), (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+                               dict(tolerance or {}))
         return fn
 
     return decorator
@@ -164,7 +172,9 @@ def meta(command: str) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs",
+            "load_average": round(os.getloadavg()[0], 1),  # other jobs on the machine: wall times scale with it
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "commit": commit}
 
 
@@ -266,6 +276,12 @@ def without(value, volatile: tuple[str, ...]):
     return value
 
 
+def _equal(now, then, tolerance: float | None) -> bool:
+    if tolerance is not None and isinstance(now, (int, float)) and isinstance(then, (int, float)):
+        return abs(now - then) <= tolerance * max(abs(now), abs(then))
+    return now == then
+
+
 def stale_records(name: str) -> list[str]:
     """Records that ``quick=True`` recomputes and that differ from the committed ones (volatile keys aside)."""
     entry = SOURCES[name]
@@ -281,8 +297,8 @@ def stale_records(name: str) -> list[str]:
             continue
         now = without(record, entry.volatile)
         then = {k: v for k, v in without(stored[key], entry.volatile).items() if k in now}  # what quick recomputes
-        if now != then:
-            fields = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        fields = sorted(k for k in set(now) | set(then) if not _equal(now.get(k), then.get(k), entry.tolerance.get(k)))
+        if fields:
             problems.append(f"{name}: record {key} differs in {fields}: now {[now.get(k) for k in fields]}, "
                             f"committed {[then.get(k) for k in fields]}")
     return problems

@@ -29,7 +29,7 @@ from tokenprune.models.zoo.checkpoints import packaged_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tables import load, meta, source, table  # noqa: E402  (registers this script's tables; see benchmarks/tables.py)
-from layerskip_search import calibration_scores  # noqa: E402
+from layerskip_search import KL_TOLERANCE, calibration_scores  # noqa: E402
 
 
 def accuracy(vlm, dataset, policy: SkipPolicy) -> float:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 SETTINGS = dict(n_samples=20, heldout=200, budget=3, ops=["mlp"], min_layer=0, count=10, answer_tokens=10)
 
 
-@source("layerskip_policies")
+@source("layerskip_policies", tolerance={"calibration_kl": KL_TOLERANCE})  # see layerskip_search.KL_TOLERANCE
 def layerskip_policies(quick: bool) -> dict:
     """Searched vs 10 random layer-skip policies of equal cost on the trained tiny models (200 held-out samples);
     quick: the committed searched policies' calibration KL."""

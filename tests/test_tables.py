@@ -84,6 +84,19 @@ def test_a_stale_record_fails_and_volatile_keys_are_ignored(copy_of_the_docs, mo
     assert _tables.stale_records("toy") == ["toy: record \"a\" differs in ['tokens']: now [11], committed [10]"]
 
 
+def test_a_tolerance_accepts_float_noise_and_nothing_more(copy_of_the_docs, monkeypatch):
+    stored = {"meta": {}, "records": [{"key": "a", "kl": 8.598925e-07, "tokens": 10}]}
+    (copy_of_the_docs / "docs" / "tables" / "toy.json").write_text(_tables.dumps(stored))
+    now = {"kl": 8.569216e-07, "tokens": 10}  # 0.35 % lower: a summation order changed
+    monkeypatch.setitem(_tables.SOURCES, "toy", _tables.Source(
+        "toy", lambda quick: {"records": [{"key": "a", **now}]}, tolerance={"kl": 0.01}))
+    assert _tables.stale_records("toy") == []
+    now["kl"] = 8.4e-07  # 2.3 % lower: stale
+    assert _tables.stale_records("toy") == ["toy: record \"a\" differs in ['kl']: now [8.4e-07], committed [8.598925e-07]"]
+    now["kl"], now["tokens"] = 8.569216e-07, 11  # the tolerance is per key: other fields stay exact
+    assert _tables.stale_records("toy") == ["toy: record \"a\" differs in ['tokens']: now [11], committed [10]"]
+
+
 def test_data_files_read_back_as_written():
     data = {"meta": {"date": "x"}, "records": [{"key": [1, "a"], "value": 1 / 3, "nan": float("nan")}], "n": 2}
     text = _tables.dumps(data)
