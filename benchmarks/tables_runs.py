@@ -154,7 +154,9 @@ def embedded_table(data: dict) -> str:
 
     run = data["runs"]["embedded"]
     title = f"{run['dataset']} · {run['model']} · {run['samples']} samples"
-    return "```text\n" + format_table(summary(data, "embedded"), title) + "\n```"
+    load = data["meta"].get("load_average")
+    note = f"\n\nTimes measured at a load average of {load} on {data['meta']['machine']}." if load is not None else ""
+    return "```text\n" + format_table(summary(data, "embedded"), title) + "\n```" + note
 
 
 @table("embedded_trend", source="embedded")
