@@ -17,7 +17,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # Every table of measured numbers in README.md and docs/ (benchmarks/_tables.py): measure each source in a fresh
-# process, write docs/tables/<source>.json, re-render the tables between their markers. About 1.5-2 h on 2 CPU cores;
+# process, write docs/tables/<source>.json, re-render the tables between their markers. 2 h or more on 2 idle CPU cores;
 # `python benchmarks/tables.py <source> ...` redoes some. tables-render only re-renders from the committed data.
 tables:
 	$(PYTHON) benchmarks/tables.py
