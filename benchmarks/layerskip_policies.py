@@ -156,10 +156,13 @@ def _kl(value: float) -> str:
     return "0" if value == 0 else f"{value:.3g}"
 
 
+POLICY_HEADER = ("| model | policy | MLP skips | calibration KL | held-out KL | held-out accuracy % |",
+                 "|---|---|---|---:|---:|---:|")
+
+
 @table("layerskip_policies", source="layerskip_policies")
 def layerskip_policies_table(data: dict) -> str:
-    lines = ["| model | policy | MLP skips | calibration KL | held-out KL | held-out accuracy % |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = list(POLICY_HEADER)
     for model in dict.fromkeys(r["model"] for r in data["records"]):
         ranked = _ranked(_policies(data, model))
         randoms = ranked["randoms"]
@@ -184,8 +187,7 @@ def layerskip_policies_table(data: dict) -> str:
 
 @table("layerskip_policies_readme", source="layerskip_policies")
 def layerskip_policies_readme(data: dict) -> str:
-    lines = ["| model | policy | MLP skips | calibration KL | held-out KL | held-out accuracy % |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = list(POLICY_HEADER)
     for model in dict.fromkeys(r["model"] for r in data["records"]):
         ranked = _ranked(_policies(data, model))
         randoms, best, searched = ranked["randoms"], ranked["best"], ranked["searched"]

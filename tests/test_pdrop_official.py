@@ -111,11 +111,15 @@ class PositionSpy:
             handle.remove()
 
 
-def test_pdrop_default_reindexes_on_llava_exactly_as_the_official_code():
+def llava_case(index: int):
+    """The sharp tiny LLaVA, the inputs of sample ``index``, their input embeddings and the image-token mask."""
     vlm = sharp_tiny_vlm("tiny_llava")
-    inputs = vlm.prepare(make_sample(3))
-    embeds = input_embeddings(vlm, inputs)
-    is_image = inputs["input_ids"][0] == vlm.model.config.image_token_id
+    inputs = vlm.prepare(make_sample(index))
+    return vlm, inputs, input_embeddings(vlm, inputs), inputs["input_ids"][0] == vlm.model.config.image_token_id
+
+
+def test_pdrop_default_reindexes_on_llava_exactly_as_the_official_code():
+    vlm, inputs, embeds, is_image = llava_case(3)
     expected_logits, expected_kept, expected_positions = official_pdrop(vlm, embeds, is_image, LAYERS, RATIOS)
 
     method = tp.methods.create("pdrop", layers=LAYERS, ratios=RATIOS)  # positions: the default
@@ -137,10 +141,7 @@ def test_pdrop_default_reindexes_on_llava_exactly_as_the_official_code():
 
 
 def test_pdrop_default_decodes_at_the_officially_shifted_positions():
-    vlm = sharp_tiny_vlm("tiny_llava")
-    inputs = vlm.prepare(make_sample(4))
-    embeds = input_embeddings(vlm, inputs)
-    is_image = inputs["input_ids"][0] == vlm.model.config.image_token_id
+    vlm, inputs, embeds, is_image = llava_case(4)
     _, kept, _ = official_pdrop(vlm, embeds, is_image, LAYERS, RATIOS)
     steps = 3
     with torch.no_grad(), tp.apply(vlm.model, "pdrop", layers=LAYERS, ratios=RATIOS) as session:
