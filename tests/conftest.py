@@ -131,3 +131,15 @@ def datasets_cache(tmp_path_factory):
     datasets.config.HF_DATASETS_CACHE = cache = tmp_path_factory.mktemp("hf_datasets_cache")
     yield cache
     datasets.config.HF_DATASETS_CACHE = previous
+
+
+@pytest.fixture(autouse=True)
+def named_models_restored():
+    """A run with a user's model YAML registers that model by name (run/checks.py); each test starts and ends with
+    the packaged registry, so a test's user model never reaches registry-wide tests that run after it."""
+    from tokenprune.models import base
+
+    before = dict(base._SPECS)
+    yield
+    base._SPECS.clear()
+    base._SPECS.update(before)
