@@ -121,16 +121,18 @@ def targets_table(rows: list[dict], target_tokens: int) -> list[str]:
     return lines
 
 
-def render_markdown(results: dict, target_tokens: int = 4096) -> str:
+def render_markdown(results: dict, target_tokens: int = 4096, level: int = 1, title: bool = True) -> str:
+    """The whole report; ``level``: the heading level of its title (models one level below, sections two)."""
     meta, rows = results["meta"], results["rows"]
-    lines = [f"# Speed and memory against the ideal ({meta['device']})", "", *header(meta)]
+    h = "#" * level
+    lines = ([f"{h} Speed and memory against the ideal ({meta['device']})", ""] if title else []) + header(meta)
     for model in dict.fromkeys(r["model"] for r in rows):
         own = [r for r in rows if r["model"] == model]
-        lines += ["", f"## {model}", "", "### Vision encoder and time to first token", "", *vision_table(own),
-                  "", "### Decoder prefill, decode and memory", "", *main_table(own)]
+        lines += ["", f"{h}# {model}", "", f"{h}## Vision encoder and time to first token", "", *vision_table(own),
+                  "", f"{h}## Decoder prefill, decode and memory", "", *main_table(own)]
         targets = targets_table(own, target_tokens)
         if targets:
-            lines += ["", "### Targets", "", *targets]
+            lines += ["", f"{h}## Targets", "", *targets]
         skipped = [r for r in own if r["status"] == "skipped"]
         if skipped:
             lines += ["", "Skipped: " + "; ".join(f"`{r['method']}` ({r['reason']})" for r in skipped) + "."]

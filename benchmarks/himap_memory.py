@@ -35,6 +35,9 @@ import torch
 
 import tokenprune as tp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tables import meta, source, table  # noqa: E402  (registers this script's tables; see benchmarks/tables.py)
+
 MIB = 2**20
 DEFAULTS = {
     "cpu": {"model": "tiny", "lengths": [1024, 2048, 4096, 8192], "layers": 12, "dtype": "float32", "repeats": 3},
@@ -185,7 +188,7 @@ def measure_isolated(args, name: str, visual: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # table
 # ---------------------------------------------------------------------------------------------------------
-def table(rows: list[dict], title: str) -> str:
+def markdown(rows: list[dict], title: str) -> str:
     lines = [title, "",
              "| decoder tokens | visual | SDPA prefill ms | SDPA peak MiB (act.) | HiMAP prefill ms | HiMAP scoring ms "
              "| HiMAP peak MiB (act.) | extra peak % | vs act. % |",
@@ -254,8 +257,34 @@ def main(argv=None) -> list[dict]:
     title = (f"HiMAP (text_layer={args.text_layer}, image_layer={args.image_layer}, 0.5 / 0.125) vs unpruned SDPA "
              f"prefill: {model}, {args.dtype}, {device}, median of {args.repeats}"
              + (" — smoke mode, in process: indicative only" if args.smoke else ""))
-    print(table(rows, title))
+    print(markdown(rows, title))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated table (docs/methods/himap.md): python benchmarks/tables.py himap_memory
+# ---------------------------------------------------------------------------------------------------------
+MEASURED = ("sdpa_ms", "sdpa_peak_mib", "sdpa_before_mib", "himap_ms", "himap_peak_mib", "himap_before_mib",
+            "himap_scoring_ms")
+
+
+@source("himap_memory", volatile=MEASURED)
+def himap_memory(quick: bool) -> dict:
+    """HiMAP prefill time and peak memory against unpruned SDPA, CPU preset; quick: the 1k row's token schedule."""
+    if quick:
+        defaults = DEFAULTS["cpu"]
+        vlm = load(defaults["model"], "cpu", defaults["dtype"], defaults["layers"])
+        visual = defaults["lengths"][0]
+        result = measure(vlm, method_for("himap", 2, 8), visual, repeats=1)
+        rows = [{"tokens": result["tokens"], "visual": visual, "himap_layer_visual": result["layer_visual"]}]
+    else:
+        rows = main([])
+    return {"meta": meta("python benchmarks/himap_memory.py"), "records": [{**r, "key": str(r["visual"])} for r in rows]}
+
+
+@table("himap_memory", source="himap_memory")
+def himap_memory_table(data: dict) -> str:
+    return markdown(data["records"], "").strip("\n")
 
 
 if __name__ == "__main__":

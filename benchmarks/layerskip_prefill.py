@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,9 @@ import tokenprune as tp
 from tokenprune.engine.flops import DecoderShape
 from tokenprune.engine.sublayers import planned_prefill_flops
 from tokenprune.methods.layerskip import LayerSkip, SkipPolicy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tables import meta, source, table  # noqa: E402  (registers this script's tables; see benchmarks/tables.py)
 
 PREFIX_TEXT, SUFFIX_TEXT = 14, 20  # text tokens before the image (system prompt) and after it (question, template)
 PRESETS = {
@@ -127,15 +132,23 @@ def policies(num_layers: int, max_skips: int, attn: bool) -> list[SkipPolicy]:
             for k in range(min(max_skips, num_layers) + 1)]
 
 
-def run(preset: dict, device: str, attn: bool = False) -> list[dict]:
+def setup(preset: dict, device: str, attn: bool = False):
+    """The model, its inputs and one row per policy with its analytic FLOPs (no timing)."""
     device = torch.device(device)
     vlm = load(preset, device)
-    outer, text_model = vlm.adapter.outer_model(vlm.model), vlm.adapter.text_model(vlm.model)
+    text_model = vlm.adapter.text_model(vlm.model)
     inputs = INPUTS[vlm.adapter.family](vlm.model.config, preset["visual"], device)
     layout = tp.TokenLayout.from_input_ids(inputs["input_ids"][0], vlm.adapter.visual_specs(vlm.model, inputs)[0])
     shape = DecoderShape.from_config(text_model.config)
-    rows = [{"policy": policy, "flops": planned_prefill_flops(shape, layout, policy.plans()), "ms": []}
+    rows = [{"policy": policy, "flops": planned_prefill_flops(shape, layout, policy.plans()), "ms": [],
+             "tokens": layout.length, "visual": layout.num_visual, "layers": shape.layers}
             for policy in policies(shape.layers, preset["max_skips"], attn)]
+    return vlm, inputs, rows
+
+
+def run(preset: dict, device: str, attn: bool = False) -> list[dict]:
+    vlm, inputs, rows = setup(preset, device, attn)
+    outer, text_model = vlm.adapter.outer_model(vlm.model), vlm.adapter.text_model(vlm.model)
 
     def prefill(policy):
         with torch.no_grad(), tp.apply(vlm.model, LayerSkip.from_policy(policy)):
@@ -143,7 +156,7 @@ def run(preset: dict, device: str, attn: bool = False) -> list[dict]:
 
     for row in rows:  # warm-up
         prefill(row["policy"])
-    timer = DecoderTimer(text_model, device)
+    timer = DecoderTimer(text_model, torch.device(device))
     try:
         for _ in range(preset["repeats"]):
             for row in rows:
@@ -153,10 +166,10 @@ def run(preset: dict, device: str, attn: bool = False) -> list[dict]:
         timer.remove()
     for row in rows:
         row["median_ms"] = statistics.median(row["ms"])
-    return [dict(row, tokens=layout.length, visual=layout.num_visual, layers=shape.layers) for row in rows]
+    return rows
 
 
-def table(rows: list[dict], title: str) -> str:
+def markdown(rows: list[dict], title: str) -> str:
     full = rows[0]
     lines = [title, "",
              "| skipped MLPs | layers | prefill GFLOPs | FLOPs vs none | prefill ms (median) | time vs none |",
@@ -189,10 +202,55 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(preset, args.device, attn=args.attn)
     first = rows[0]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(table(rows, f"Layer skip, decoder prefill: {preset['model']} ({first['layers']} layers), "
+    print(markdown(rows, f"Layer skip, decoder prefill: {preset['model']} ({first['layers']} layers), "
                       f"{first['tokens']} tokens ({first['visual']} visual), {preset['dtype']}, SDPA, {device_name}, "
                       f"median of {preset['repeats']}; torch {torch.__version__}"))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated tables (README.md, docs/methods/layerskip.md): python benchmarks/tables.py layerskip_prefill
+# ---------------------------------------------------------------------------------------------------------
+@source("layerskip_prefill", volatile=("ms", "median_ms"))
+def layerskip_prefill(quick: bool) -> dict:
+    """Decoder prefill FLOPs and time against skipped MLPs (and MLP + attention) on the CPU preset; quick: FLOPs."""
+    records = []
+    for attn in (False, True):
+        rows = setup(PRESETS["cpu"], "cpu", attn)[2] if quick else run(PRESETS["cpu"], "cpu", attn)
+        for row in rows:
+            policy = row.pop("policy")
+            records.append({**row, "key": f"{'mlp+attn' if attn else 'mlp'}/{len(policy.mlp)}",
+                            "mlp": list(policy.mlp), "attn": list(policy.attn)})
+    return {"meta": meta("python benchmarks/layerskip_prefill.py; python benchmarks/layerskip_prefill.py --attn"),
+            "repeats": PRESETS["cpu"]["repeats"], "records": records}
+
+
+def _stored_rows(data: dict, kind: str) -> list[dict]:
+    return [{**r, "policy": SkipPolicy(mlp=tuple(r["mlp"]), attn=tuple(r["attn"]))}
+            for r in data["records"] if r["key"].startswith(kind + "/")]
+
+
+@table("layerskip_prefill", source="layerskip_prefill")
+def layerskip_prefill_table(data: dict) -> str:
+    rows, both = _stored_rows(data, "mlp"), _stored_rows(data, "mlp+attn")
+    lines = markdown(rows, "").strip("\n").splitlines()
+    lines[0] = lines[0].replace("(median)", f"(median of {data['repeats']})")
+    last = both[-1]
+    sentence = (f"With as many attention skips in the same layers (`--attn`): {len(last['mlp'])} + {len(last['attn'])} "
+                f"skips leave {last['flops'] / both[0]['flops']:.3f} of the FLOPs and "
+                f"{last['median_ms'] / both[0]['median_ms']:.3f} of the time.")
+    return "\n".join(lines) + "\n\n" + sentence
+
+
+@table("layerskip_prefill_readme", source="layerskip_prefill")
+def layerskip_prefill_readme(data: dict) -> str:
+    rows = [r for r in _stored_rows(data, "mlp") if len(r["mlp"]) % 2 == 0]
+    full = rows[0]
+    return "\n".join([
+        "| skipped MLPs | " + " | ".join(str(len(r["mlp"])) for r in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+        "| prefill FLOPs vs none | " + " | ".join(f"{r['flops'] / full['flops']:.3f}" for r in rows) + " |",
+        "| prefill time vs none | " + " | ".join(f"{r['median_ms'] / full['median_ms']:.3f}" for r in rows) + " |"])
 
 
 if __name__ == "__main__":

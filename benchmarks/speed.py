@@ -54,13 +54,15 @@ import tokenprune as tp  # noqa: E402
 from tokenprune.engine.apply import apply  # noqa: E402
 from tokenprune.engine.flops import DecoderShape, all_conventions  # noqa: E402
 from tokenprune.methods._budget import budget_fraction  # noqa: E402
+from tokenprune.methods.pdrop import stage_boundaries  # noqa: E402
 from tokenprune.run.measure import release_memory  # noqa: E402
 from tokenprune.run.runner import method_label  # noqa: E402
 
 from _speed_inputs import build_prompt, encode, load_random_model, resized_grids, supports_video  # noqa: E402
 from _speed_measure import (PEER_SCORING_LAYERS, EagerMapScoring, LayerTimer, Schedule,  # noqa: E402
                             eager_attention_maps, ideal_prefill_ms, measure_decode, measure_prefill, measure_vision)
-from _speed_report import write_outputs  # noqa: E402
+from _speed_report import render_markdown, write_outputs  # noqa: E402
+from _tables import source, table  # noqa: E402  (registers this script's table; see benchmarks/tables.py)
 
 PRESETS = {
     "cuda": dict(models=["qwen25vl_7b"], dtype="bfloat16", repeats=10, warmup=2, decode_steps=10,
@@ -85,7 +87,7 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
     """(budget, fields) of each configuration measured for a registered method.
 
     A budget r is the fraction of the visual tokens a method keeps at its first reduction: FastV / random /
-    uniform keep r at layer 2; PDrop keeps r, r/2, r/4 at 1/4, 1/2, 3/4 depth; HiMAP keeps r then r/4; PruneVid
+    uniform keep r at layer 2; PDrop keeps r, r/2, r/4 at i * floor(L / 4); HiMAP keeps r then r/4; PruneVid
     merges to r clusters per group; layer skip runs visual rows through the first r of the layers only (both
     sublayers skipped in the rest); SparseVLM ends with r·N tokens after its (depth-scaled) stages. A method not
     listed here runs at ``budget=r`` (the retained-token fraction of the issue-18 methods: VisionZip, VisPruner,
@@ -94,7 +96,7 @@ def method_configs(name: str, num_layers: int, budgets: list[float]) -> list[tup
     """
     if name == "baseline":
         return []
-    quarter = [max(1, round(num_layers * i / 4)) for i in (1, 2, 3)]
+    quarter = stage_boundaries(num_layers)  # i * floor(L / 4): 8, 16, 24 on 32 layers
     configs = []
     for r in budgets:
         if name in ("fastv", "random", "uniform"):
@@ -401,6 +403,41 @@ def main(argv=None) -> dict:
     print(paths["markdown_text"])
     log(f"wrote {', '.join(str(p) for k, p in paths.items() if k != 'markdown_text')}")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated table (docs/benchmarks.md, CPU section): python benchmarks/tables.py speed_cpu
+# ---------------------------------------------------------------------------------------------------------
+MEASURED = ("prefill_ms", "prefill_ms_all", "overhead_ms", "peak_bytes", "extra_peak_bytes", "memory_kind", "decode_ms",
+            "decode_stock_ms", "wall_s", "vision_ms", "ideal_ms", "prefill_vs_ideal", "overhead_pct", "decode_vs_stock",
+            "ttft_ms", "ttft_ideal_ms", "speedup", "ideal_speedup", "ttft_speedup", "ttft_speedup_bound",
+            "peak_vs_baseline", "extra_peak_vs_baseline")
+
+
+@source("speed_cpu", volatile=MEASURED)
+def speed_cpu(quick: bool) -> dict:
+    """The speed benchmark on CPU (tiny architectures); quick: N = 144 with one repeat (token counts, KV cache)."""
+    import tempfile
+
+    argv = ["--device", "cpu", "--no-plot"] + (["--lengths", "144", "--repeats", "1", "--warmup", "0",
+                                                 "--decode-steps", "1"] if quick else [])
+    with tempfile.TemporaryDirectory() as out:
+        results = main([*argv, "--out", out])
+    results["meta"]["command"] = "python benchmarks/speed.py --device cpu"
+    records = []
+    for row in results["rows"]:
+        where = f"{row['input']}/{row['visual_tokens']}" if row["status"] != "skipped" else "skipped"
+        records.append({**row, "key": f"{row['model']}/{where}/{row['label']}"})
+    return {"meta": results["meta"], "records": records}
+
+
+@table("speed_cpu", source="speed_cpu")
+def speed_cpu_table(data: dict) -> str:
+    rows = [{k: v for k, v in r.items() if k != "key"} for r in data["records"]]
+    peers = [r.get("kept_overlap") for r in rows if r.get("variant") == "peer" and r.get("kept_overlap") is not None]
+    overlap = (f"\n\nPeer-style selections against tokenprune's: kept overlap {min(peers):.3f} (lowest) on all "
+               f"{len(peers)} peer rows that select.") if peers else ""
+    return render_markdown({"meta": data["meta"], "rows": rows}, level=2, title=False).rstrip("\n") + overlap
 
 
 if __name__ == "__main__":

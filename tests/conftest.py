@@ -122,6 +122,17 @@ def hook_snapshot(module) -> dict:
             for name, m in module.named_modules()}
 
 
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory):
+    """``load_dataset`` writes the Arrow caches of the tiny benchmark copies to a temporary directory, not ~/.cache."""
+    import datasets
+
+    previous = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    yield cache
+    datasets.config.HF_DATASETS_CACHE = previous
+
+
 @pytest.fixture(autouse=True)
 def named_models_restored():
     """A run with a user's model YAML registers that model by name (run/checks.py); each test starts and ends with

@@ -196,6 +196,70 @@ def ocrbench(root: Path) -> dict:
     return {"path": str(root)}
 
 
+MMMU_FEATURES = {"id": S, "question": S, "options": S, "explanation": S, **{f"image_{k}": Image() for k in range(1, 8)},
+                 "img_type": S, "answer": S, "topic_difficulty": S, "question_type": S, "subfield": S}
+
+
+def mmmu_rows(split: str, subject: str, questions: list[tuple]) -> dict:
+    """MMMU rows: (question, options, answer, question_type, images {k: png index}) per question."""
+    rows = {name: [] for name in MMMU_FEATURES}
+    for number, (question, options, answer, question_type, images) in enumerate(questions, start=1):
+        rows["id"].append(f"{split}_{subject}_{number}")
+        rows["question"].append(question)
+        rows["options"].append(repr(options))  # the hub stores the option list as its Python repr
+        rows["explanation"].append("")
+        for k in range(1, 8):
+            rows[f"image_{k}"].append(png(images[k]) if k in images else None)
+        rows["img_type"].append(repr(["Diagrams"] * len(images)))
+        rows["answer"].append(answer)
+        rows["topic_difficulty"].append("Easy")
+        rows["question_type"].append(question_type)
+        rows["subfield"].append(subject.replace("_", " "))
+    return rows
+
+
+MMMU_QUESTIONS = {  # subject -> split -> questions
+    "Accounting": {
+        "dev": [("<image 1> What is the total of the column?", ["$10", "$20", "$30", "$40"], "B", "multiple-choice",
+                 {1: 0})],
+        "validation": [
+            ("Compare <image 1> and <image 2>: which ledger balances?", ["the first", "the second"], "A",
+             "multiple-choice", {1: 1, 2: 2}),
+            ("What is the net income shown in <image 1>? (in dollars)", [], "1,200", "open", {1: 3}),
+        ],
+    },
+    "Art_Theory": {
+        "dev": [("Which style is <image 1>?", ["Baroque", "Cubism", "<image 2>"], "C", "multiple-choice",
+                 {1: 4, 2: 5})],
+        "validation": [("How many figures are in <image 1>?", [], "['3', 'three']", "open", {1: 0})],
+    },
+}
+
+
+def mmmu(root: Path) -> dict:
+    """MMMU/MMMU's layout: one config per subject, each with its dev / validation / test parquet files."""
+    configs = {}
+    for subject, splits in MMMU_QUESTIONS.items():
+        for split, questions in splits.items():
+            write_table(root, f"{subject}/{split}-00000-of-00001.parquet", mmmu_rows(split, subject, questions),
+                        MMMU_FEATURES)
+        configs[subject] = {split: f"{subject}/{split}-*" for split in splits}
+    write_card(root, configs)
+    return {"path": str(root)}
+
+
+def mmmu_lmms_lab(root: Path) -> dict:
+    """lmms-lab/MMMU's layout: one default config holding every subject, files data/<split>-*.parquet."""
+    for split in ("dev", "validation"):
+        rows = {name: [] for name in MMMU_FEATURES}
+        for subject, splits in MMMU_QUESTIONS.items():
+            for name, values in mmmu_rows(split, subject, splits[split]).items():
+                rows[name] += values
+        write_table(root, f"data/{split}-00000-of-00001.parquet", rows, MMMU_FEATURES)
+    write_card(root, {"default": {"dev": "data/dev-*", "validation": "data/validation-*"}})
+    return {"path": str(root)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Video benchmarks
 # ---------------------------------------------------------------------------------------------------------
@@ -257,7 +321,7 @@ def videomme(root: Path) -> dict:
 
 BUILDERS = {"textvqa_val": textvqa, "mme": mme, "pope": pope, "gqa": gqa, "scienceqa_img": scienceqa,
             "mmbench_en": mmbench, "mmbench_cn": mmbench, "chartqa": chartqa, "ocrbench": ocrbench,
-            "egoschema": egoschema, "mvbench": mvbench, "videomme": videomme}
+            "egoschema": egoschema, "mvbench": mvbench, "videomme": videomme, "mmmu_val": mmmu, "mmmu_dev": mmmu}
 VIDEO_BENCHMARKS = ("egoschema", "mvbench", "videomme")
 
 

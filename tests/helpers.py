@@ -12,9 +12,11 @@ from tokenprune.methods.base import LayerStep, MergedRows, Method, Selection
 @dataclass
 class Replay(Method):
     """Re-applies frozen selections: at each layer in ``kept``, keep non-visual rows and the visual rows whose
-    original index is listed. With use_cache=False this recomputes a pruned prefill exactly."""
+    original index is listed. With use_cache=False this recomputes a pruned prefill exactly. ``reindex``: number the
+    survivors contiguously, as PDrop's official positions do."""
 
     kept: dict = field(default_factory=dict)
+    reindex: bool = False
     name = "replay"
 
     def prune_layers(self, layout) -> list[int]:
@@ -23,7 +25,8 @@ class Replay(Method):
     def select(self, step: LayerStep) -> Selection:
         wanted = torch.tensor(sorted(self.kept[step.layer]), dtype=torch.long, device=step.layout.kind.device)
         is_kept = torch.isin(step.layout.original, wanted)
-        return step.keep_visual(step.layout.visual_rows()[is_kept[step.layout.visual_rows()]])
+        return step.keep_visual(step.layout.visual_rows()[is_kept[step.layout.visual_rows()]],
+                                reindex_positions=self.reindex)
 
 
 def forced_generation(vlm, new_tokens: int) -> dict:

@@ -19,16 +19,7 @@ from tokenprune.models import ModelInputError
 BENCHMARKS = sorted(fb.BUILDERS)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """``load_dataset`` writes Arrow caches of the tiny copies to a temporary directory, not ~/.cache."""
-    previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = previous
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "datasets_cache")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,8 @@ def load(copies, name, **overrides):
 # Loading and prompts
 # ---------------------------------------------------------------------------------------------------------
 SIZES = {"textvqa_val": 3, "mme": 6, "pope": 6, "gqa": 3, "scienceqa_img": 3, "mmbench_en": 3, "mmbench_cn": 3,
-         "chartqa": 3, "ocrbench": 3, "egoschema": 2, "mvbench": 20, "videomme": 3}
+         "chartqa": 3, "ocrbench": 3, "egoschema": 2, "mvbench": 20, "videomme": 3, "mmmu_val": 3, "mmmu_dev": 2}
+IMAGES = {"mmmu_val": [2, 1, 1], "mmmu_dev": [1, 2]}  # every image a question (or its options) references
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -55,12 +47,13 @@ def test_every_benchmark_loads_from_its_local_copy(copies, name):
     samples = list(dataset)
     assert len({s.id for s in samples}) == len(samples)
     assert [dataset.sample_id(i) for i in range(len(dataset))] == [s.id for s in samples]
-    for s in samples:
+    for i, s in enumerate(samples):
         assert s.question and s.answer is not None
         if name in fb.VIDEO_BENCHMARKS:
             assert s.images == [] and Path(s.video).is_file()
         else:
-            assert s.video is None and len(s.images) == 1 and s.images[0]["bytes"].startswith(b"\x89PNG")
+            assert s.video is None and len(s.images) == IMAGES.get(name, [1] * len(samples))[i]
+            assert all(image["bytes"].startswith(b"\x89PNG") for image in s.images)
     assert dataset.scorer.headline in dataset.scorer.aggregate([])
 
 
@@ -87,6 +80,10 @@ PROMPTS = {  # (index, question, answer): lmms-eval's default prompts, written o
                     "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.\nWhere does the "
                     "square go?\nA. Left.\nB. Right.\nC. Up.\nD. Down.\n\nAnswer with the option's letter from the "
                     "given choices directly.", "B"),
+    "mmmu_val": (0, "Compare <image 1> and <image 2>: which ledger balances?\nA. the first\nB. the second\n\nAnswer "
+                    "with the option's letter from the given choices directly.", "A"),
+    "mmmu_dev": (1, "Which style is <image 1>?\nA. Baroque\nB. Cubism\nC. <image 2>\n\nAnswer with the option's "
+                    "letter from the given choices directly.", "C"),
 }
 
 

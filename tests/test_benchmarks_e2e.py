@@ -44,14 +44,6 @@ def fast_process(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def datasets_cache(tmp_path_factory):
-    previous = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield cache
-    datasets.config.HF_DATASETS_CACHE = previous
-
-
-@pytest.fixture(scope="module")
 def copies(tmp_path_factory, datasets_cache) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("benchmark_copies")
     return {name: fb.build(name, root / name) for name in BENCHMARKS}

@@ -29,7 +29,9 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, name, f
     inputs = vlm.prepare(make_sample(11))
     out, report = _generate(vlm, inputs, name, fields)
     prompt_length = inputs["input_ids"].shape[1]
-    replay = Replay(kept=report.kept)
+    method = tp.methods.create(name, **fields)
+    reindex = getattr(method, "reindexes", lambda defined: False)(vlm.info().reindex_positions)  # PDrop's positions
+    replay = Replay(kept=report.kept, reindex=reindex)
     for step in range(NEW_TOKENS):
         extended = prompt_so_far(inputs, out.sequences, step)
         with torch.no_grad(), tp.apply(vlm.model, replay):

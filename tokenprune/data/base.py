@@ -46,6 +46,7 @@ class Dataset(ABC):
 
     name: str = "dataset"
     max_new_tokens: int = 16  # enough for the dataset's answers
+    stop: list[str] = ()  # strings that end an answer (generation stops there; the answer is cut before them)
     scorer: Scorer
 
     @abstractmethod
@@ -104,6 +105,13 @@ def check_count(owner: str, field_name: str, value, allow_none: bool = True, min
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or null" if allow_none else "")
         raise ValueError(f"{owner}.{field_name} must be {allowed}, got {value!r}")
+
+
+def check_stop(owner: str, value) -> list[str]:
+    """``stop`` as a list of non-empty strings, or an error naming the field."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{owner}.stop must be a list of non-empty strings, got {value!r}")
+    return list(value)
 
 
 def check_seed(owner: str, value) -> None:

@@ -280,47 +280,83 @@ class YesNo(Scorer):
 # ---------------------------------------------------------------------------------------------------------
 # Multiple choice
 # ---------------------------------------------------------------------------------------------------------
-_OPEN = r"[\s(\[{*\"'`（【]*"
-_CLOSE = r"[\s)\]}*\"'`）】.,:;：。!]*"
-_PHRASE = re.compile(r"(?i:\b(?:answer|option|choice)\b(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?"
-                     r"|\b(?:choose|select|pick)\b|答案是|答案为|答案|选择|选项|选)"
-                     r"\s*[:：]?" + _OPEN + r"([A-Z])(?![A-Za-z0-9'])")
-_BRACKETED = re.compile(r"[(\[（【]([A-Z])[)\]）】]")
-_STANDALONE = re.compile(r"(?<![A-Za-z0-9'’])([A-Z])(?![A-Za-z0-9'’])")
+# Full-width letters and punctuation (Chinese answers) read as their ASCII forms.
+_FULL_WIDTH = str.maketrans({**{chr(0xFF21 + i): chr(0x41 + i) for i in range(26)},
+                             **{chr(0xFF41 + i): chr(0x61 + i) for i in range(26)},
+                             "（": "(", "）": ")", "【": "[", "】": "]", "：": ":", "，": ",", "；": ";", "！": "!",
+                             "？": "?", "“": '"', "”": '"', "‘": "'", "’": "'"})
+_OPEN = r"[\s(\[{<\"']*"
+_CLOSE = r"[\s)\]}>\"'.,:;!?。、]*"
+_LONE = re.compile(_OPEN + r"([A-Za-z])" + _CLOSE)
+_WORD_CHAR = re.compile(r"[A-Za-z0-9_'-]")  # letters glued to these are part of a word ("A-level", "it's")
+# Words that follow an option letter in a sentence but never follow the article "a" or the pronoun "I":
+# "A is correct", "A because it fits", "A would be my choice", "A and B", "I or J".
+_AFTER_LETTER = frozenset(
+    "is was are were be being been would will should could might may must can seems seem appears looks fits "
+    "matches describes corresponds answers best because since as and or nor but so then vs versus only also too "
+    "here".split())
+_PHRASE = re.compile(
+    r"(?i:\b(?:(?:the\s+|my\s+|your\s+)?(?:final\s+|correct\s+|best\s+|right\s+|most\s+likely\s+)?"
+    r"(?:answer|option|choice)s?(?:\s+(?:is|would\s+be|should\s+be|will\s+be|must\s+be|seems\s+to\s+be|"
+    r"appears\s+to\s+be|here\s+is))?"
+    r"|i\s+(?:would\s+|will\s+|'d\s+|'ll\s+)?(?:choose|select|pick|go\s+(?:with|for))"
+    r"|choose|select|pick)\b"
+    r"|正确答案是|正确答案为|正确答案|正确的选项是|正确选项是|答案应该是|答案应为|答案是|答案为|答案|答|应该选|应选择|应选|选择|选项|我选|故选|选)"
+    r"\s*[:=]?[\s(\[{<\"']*(?:(?i:option)\s+|选项\s*)?([A-Za-z])")
 
 
-def _is_article(text: str, end: int) -> bool:
-    """An "A" at ``text[end - 1]`` followed by a lower-case word is the article, not option A."""
-    return text[end - 1] == "A" and re.match(r"\s+[a-z]", text[end:]) is not None
+def _reads_as_option(text: str, start: int, lower_case: bool) -> bool:
+    """Whether the letter at ``text[start]`` stands alone as an option letter.
+
+    It must not be glued to a word ("Bird", "it's", "X-ray"); in brackets it always is one ("(a)"). An upper-case
+    "A" or "I" followed by a lower-case word is the article or the pronoun ("A cat", "I think") unless the word is
+    one that follows option letters only ("A is correct", "A because ...", "A or B"). A lower-case letter
+    (``lower_case``) counts only at the end of the text or before punctuation ("answer: a", "is b.").
+    """
+    before, after = text[start - 1: start], text[start + 1:]
+    if (before and _WORD_CHAR.match(before)) or (after and _WORD_CHAR.match(after[0])):
+        return False
+    if before in ("(", "[", "{", "<") and after[:1] in (")", "]", "}", ">"):
+        return True
+    letter = text[start]
+    rest = after.lstrip(" \t")
+    if letter.islower():
+        return lower_case and (not rest or rest[0] in ".,:;!?)]}>\"'\n。、")
+    word = re.match(r"\s+([a-z][A-Za-z]*)", after)
+    return not (letter in "AI" and word and word.group(1).lower() not in _AFTER_LETTER)
 
 
 def extract_choice(prediction: str, letters: str = "ABCDE", options: list[str] | None = None) -> str | None:
-    """The option letter a free-form answer picks, or None.
+    """The option letter a free-form answer picks, or None (it never guesses).
 
-    Tried in order: the answer is a lone letter ("B", "(B)", "b", "**B**", "[B]."); it starts with a letter
-    and a delimiter ("B. cat", "B) cat", "B: cat", "C because ..."; "A cat" is an article); an answer phrase
-    ("The answer is B", "Answer: (B)", "Option B", "I choose B", "答案是B"); exactly one bracketed letter
-    ("... (B) ..."); exactly one stand-alone capital letter ("... so B."); finally the text of exactly one
-    option ("cat" when the options are "dog" and "cat"). Letters outside ``letters`` are never returned.
+    Read in order, as a careful reader would:
+
+    1. the answer is a letter alone: "B", "(B)", "b", "**B**", "[B].", "Ｂ";
+    2. an answer phrase names a letter: "The answer is B", "answer: a", "The correct option is (C)", "I choose B",
+       "答案是B", "选C", "正确答案：Ｄ" (lower case only at the end or before punctuation: "the answer is a dog" is
+       not option A);
+    3. the first stand-alone letter: "B. cat", "C because ...", "A is correct", "我认为是B"; a hedge ("A or B",
+       "B and A") gives its first letter, as lmms-eval's parsers do; "A cat" and "I think" are an article and a
+       pronoun, not options;
+    4. the text of exactly one option, inside English or Chinese text ("cat", "答案是红色"; "cat food" rather than
+       "cat" inside it).
+
+    Letters outside ``letters`` are never returned.
     """
-    text = str(prediction or "").strip()
+    text = str(prediction or "").translate(_FULL_WIDTH).replace("*", "").replace("`", "").strip()
     allowed = letters.upper()
     if not text:
         return None
-    lone = re.fullmatch(_OPEN + r"([A-Za-z])" + _CLOSE, text)
+    lone = _LONE.fullmatch(text)
     if lone:
         letter = lone.group(1).upper()
         return letter if letter in allowed else None
-    lead = re.match(_OPEN + r"([A-Z])(?:[)\]}*）】]*[.,:;：)\]）】]|\s)", text)
-    if lead and lead.group(1) in allowed and not _is_article(text, lead.end(1)):
-        return lead.group(1)
     for match in _PHRASE.finditer(text):
-        if match.group(1) in allowed and not _is_article(text, match.end(1)):
-            return match.group(1)
-    for pattern in (_BRACKETED, _STANDALONE):
-        found = {m.group(1) for m in pattern.finditer(text) if m.group(1) in allowed and not _is_article(text, m.end(1))}
-        if len(found) == 1:
-            return found.pop()
+        if match.group(1).upper() in allowed and _reads_as_option(text, match.start(1), lower_case=True):
+            return match.group(1).upper()
+    for match in re.finditer(r"[A-Z]", text):
+        if match.group(0) in allowed and _reads_as_option(text, match.start(), lower_case=False):
+            return match.group(0)
     if options:
         return _match_option_text(text, letters, options)
     return None
@@ -332,7 +368,10 @@ def _match_option_text(text: str, letters: str, options: list[str]) -> str | Non
     exact = [letter for letter, option in texts.items() if option == answer]
     if len(exact) == 1:
         return exact[0]
-    hits = [letter for letter, option in texts.items() if re.search(rf"(?<!\w){re.escape(option)}(?!\w)", answer)]
+    # Bounded by anything but a Latin letter or digit, so that an option matches inside a Chinese sentence
+    # ("答案是红色") but "red" does not match inside "reddish".
+    hits = [letter for letter, option in texts.items()
+            if re.search(rf"(?<![A-Za-z0-9]){re.escape(option)}(?![A-Za-z0-9])", answer)]
     # "cat food" also contains "cat": keep the options no other hit contains
     hits = [h for h in hits if not any(h != o and texts[h] in texts[o] for o in hits)]
     return hits[0] if len(hits) == 1 else None

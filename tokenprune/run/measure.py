@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..engine.apply import apply
 from ..engine.compat import output_cache
@@ -251,8 +252,42 @@ class PeakMemory:
         return False
 
 
-def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=None) -> RunMeasurement:
-    """Generate greedily under ``method`` and measure it (see the module docstring)."""
+def end_of_turn_ids(vlm) -> list[int]:
+    """Token ids that end the answer: the tokenizer's end-of-sequence token and the checkpoint's generation config
+    ones (LLaVA-1.5: ``</s>``; Qwen2.5-VL-Instruct: ``<|im_end|>`` and ``<|endoftext|>``)."""
+    ids = []
+    tokenizer = getattr(vlm.processor, "tokenizer", None)
+    configured = getattr(getattr(vlm.model, "generation_config", None), "eos_token_id", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), configured):
+        for token in (value if isinstance(value, (list, tuple)) else [value]):
+            if token is not None and token not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """``text`` up to the first of the ``stop`` strings (lmms-eval splits answers at its ``until`` strings)."""
+    for string in stop or ():
+        text = text.split(string)[0]
+    return text
+
+
+class StopStrings(StoppingCriteria):
+    """Stop a row once its generated text contains one of ``stops`` (decoded with ``tokenizer``, special tokens
+    skipped). Transformers' own ``stop_strings`` needs a sub-word vocabulary; this works with any tokenizer."""
+
+    def __init__(self, tokenizer, stops, prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = [any(stop in self.tokenizer.decode(row[self.prompt_length:], skip_special_tokens=True)
+                    for stop in self.stops) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=None, stop_strings=()) -> RunMeasurement:
+    """Generate greedily under ``method`` and measure it (see the module docstring). Generation ends at
+    ``eos_token_id`` (an id or a list: end of turn) or once the text ends with one of ``stop_strings``."""
     model, adapter = vlm.model, vlm.adapter
     device = vlm.device
     clock = Clock(device)
@@ -266,12 +301,17 @@ def measure_generation(vlm, inputs, method, max_new_tokens: int, eos_token_id=No
         if "bytes" not in cache_after_prefill:
             cache_after_prefill["bytes"] = kv_cache_bytes(output_cache(output))
 
+    pad_token_id = (eos_token_id[0] if eos_token_id else None) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    stopping = {}
+    if stop_strings:
+        stopping["stopping_criteria"] = StoppingCriteriaList([StopStrings(vlm.processor.tokenizer, stop_strings,
+                                                                          prompt_length)])
     cache_hook = model.register_forward_hook(remember_cache, with_kwargs=True)
     try:
         with torch.no_grad(), apply(model, method, questions=getattr(inputs, "questions", None)) as session:
             start = clock.now()
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, **stopping)
             end = clock.now()
         clock.synchronize()
         report = session.last_report

@@ -27,9 +27,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from .. import methods as method_registry
+from ..methods.pdrop import stage_boundaries
 from ..models import load_model, model_options
 from .checks import ConfigError, check_dataset, check_methods, check_model, dataset_identity
-from .measure import measure_generation, release_memory
+from .measure import cut_at_stop, end_of_turn_ids, measure_generation, release_memory
 from .results import (SUMMARY_FILE, ResultStore, RunDirectoryBusy, format_table, is_error_record, read_records,
                       summarize)
 
@@ -99,9 +100,7 @@ def _compact(value) -> str:
 
 def embedded_comparison(num_layers: int) -> list[dict]:
     """Method specs of the embedded comparison table (random, uniform, FastV, PDrop at three budgets)."""
-    quarter = max(1, num_layers // 4)
-    pdrop_layers = sorted({max(1, quarter), max(2, 2 * quarter), max(3, 3 * quarter)})
-    pdrop_layers = [layer for layer in pdrop_layers if layer < num_layers][:3]
+    pdrop_layers = stage_boundaries(num_layers)
     specs = []
     for ratio in EMBEDDED_KEEP_RATIOS:
         specs += [{"name": "random", "keep_ratio": ratio}, {"name": "uniform", "keep_ratio": ratio},
@@ -299,7 +298,7 @@ def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int
     # collection (which frees cyclic garbage left by a failed or finished generation) stays cheap.
     gc.collect()
     gc.freeze()
-    eos = getattr(vlm.processor.tokenizer, "eos_token_id", None) if vlm.processor is not None else None
+    eos = end_of_turn_ids(vlm) or None
     main_label = labels[1] if plan.paired and len(labels) > 1 else labels[0]
     running = {"correct": 0.0, "n": 0}
     for record in done.values():
@@ -398,14 +397,15 @@ def run_method(vlm, inputs, method, sample, plan: Plan, eos) -> dict:
     try:
         if method.uses_before_processor:  # the method changes the preprocessing (downsample): its own inputs
             inputs = vlm.prepare(sample, method)
-        measured = measure_generation(vlm, inputs, method, plan.max_new_tokens, eos_token_id=eos)
+        measured = measure_generation(vlm, inputs, method, plan.max_new_tokens, eos_token_id=eos,
+                                      stop_strings=plan.dataset.stop)
     except Exception as error:  # out of memory, generation error: record and go on
         release_memory()
         text = _describe(error)
         log.warning("sample %s, %s: %s", sample.id, method.name, text)
         log.debug("".join(traceback.format_exception(error)))
         return {"prediction": None, "score": None, "error": text}
-    prediction = vlm.decode(measured.output_ids[0])
+    prediction = cut_at_stop(vlm.decode(measured.output_ids[0]), plan.dataset.stop)
     metrics = measured.metrics
     run = {"prediction": prediction, "score": float(plan.dataset.scorer.score(prediction, sample)), "error": None,
            "timing": {k: metrics.pop(k) for k in TIMING_KEYS},

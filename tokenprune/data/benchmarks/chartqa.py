@@ -31,9 +31,11 @@ class ChartQAScore(RelaxedAccuracy):
 class ChartQA(Benchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/ChartQA", "lmms-lab-encoder/ChartQA"])
     split: str = "test"
+    max_new_tokens: int = 16
 
     columns = ("type", "question", "answer", "image")
     download = "the lmms-lab/ChartQA dataset (now lmms-lab-encoder/ChartQA)"
+    generation_source = 'lmms_eval/tasks/chartqa/chartqa.yaml'
 
     def make_scorer(self):
         return ChartQAScore()

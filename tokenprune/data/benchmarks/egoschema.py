@@ -19,12 +19,14 @@ INSTRUCTION = "\nAnswer with the option's letter from the given choices directly
 class EgoSchema(VideoBenchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/egoschema", "lmms-eval/egoschema"])
     split: str = "test"
+    max_new_tokens: int = 16
     config: str | None = "Subset"
 
     columns = ("question_idx", "question", "video_idx", "option", "answer")
     id_column = "question_idx"
     download = ("the lmms-lab/egoschema dataset (now lmms-eval/egoschema), config Subset, and its videos: "
                 "unzip the videos_chunked_*.zip files into video_dir, giving <video_idx>.mp4")
+    generation_source = 'lmms_eval/tasks/egoschema/_default_template_yaml'
 
     def make_scorer(self):
         return MultipleChoice()

@@ -22,6 +22,7 @@ class GQA(Benchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/GQA", "lmms-lab-encoder/GQA"])
     config: str | None = "testdev_balanced_instructions"
     split: str = "testdev"
+    max_new_tokens: int = 16
     images_config: str = "testdev_balanced_images"
     images_path: str | None = None  # the images table, when dataset.path holds only the questions
 
@@ -30,6 +31,7 @@ class GQA(Benchmark):
     image_columns = ()
     download = ("the lmms-lab/GQA dataset (now lmms-lab-encoder/GQA): configs testdev_balanced_instructions "
                 "and testdev_balanced_images")
+    generation_source = 'lmms_eval/tasks/gqa/gqa.yaml'
 
     def check(self) -> None:
         path = Path(self.path) if self.path else None

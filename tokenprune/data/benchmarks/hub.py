@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..base import Dataset, DatasetError, check_count, check_seed, select_rows
+from ..base import Dataset, DatasetError, check_count, check_seed, check_stop, select_rows
 from ..sample import Sample
 
 FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -77,6 +77,13 @@ def _load_local(owner: str, path: Path, config: str | None, split: str, config_r
                            f"{f' (config {config})' if config else ''}; its splits are {splits}")
     builder.download_and_prepare()
     return builder.as_dataset(split=split)
+
+
+def local_configs(path: Path) -> tuple[str, ...]:
+    """The configs a downloaded hub repository declares (its README); () for a file or a save_to_disk copy."""
+    if not path.is_dir() or is_saved(path):
+        return ()
+    return _config_names(str(path), _cache_dir(path))
 
 
 @functools.lru_cache(maxsize=32)
@@ -182,10 +189,11 @@ def find_video(video_dir: str, names: list[str]) -> str:
 class Benchmark(Dataset):
     """A benchmark table: where it comes from (fields) and how a row becomes a sample (``build``).
 
-    Subclasses set ``columns`` (required), ``id_column`` (None: the row number), ``image_columns`` and
-    ``download`` (what the user must fetch, for errors and the README), override field defaults (hub names,
-    split, ...), add a ``config`` field when the hub dataset has several, and implement ``make_scorer`` and
-    ``build(row, sample_id)``.
+    Subclasses set ``columns`` (required), ``id_column`` (None: the row number), ``image_columns``, ``download``
+    (what the user must fetch, for errors and the README) and ``generation_source`` (the lmms-eval task file their
+    ``max_new_tokens`` / ``stop`` defaults come from), override field defaults (hub names, split, generation
+    settings, ...), add a ``config`` field when the hub dataset has several, and implement ``make_scorer`` and
+    ``build(row, sample_id)``. Decoding is always greedy, as every lmms-eval task default is.
     """
 
     path: str | None = None  # local copy: hub snapshot directory, save_to_disk directory, or one data file
@@ -193,16 +201,20 @@ class Benchmark(Dataset):
     split: str = "test"
     limit: int | None = None  # at most this many samples
     seed: int | None = 0  # which samples under limit: a seeded random subset, or the first ones when null
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # lmms-eval's task default (generation_kwargs.max_new_tokens); see generation_source
+    stop: list[str] = field(default_factory=list)  # stop strings (lmms-eval's generation_kwargs.until)
 
     columns = ()
     id_column = None  # None: the row number
     image_columns = ("image",)
     download = ""
+    generation_source = ""  # the lmms-eval task file whose generation_kwargs give max_new_tokens and stop
+    generation_note = ""  # where a value does not come from that file
 
     def __post_init__(self):
         check_count(self.name, "limit", self.limit)
         check_count(self.name, "max_new_tokens", self.max_new_tokens, allow_none=False, minimum=1)
+        self.stop = check_stop(self.name, self.stop)
         check_seed(self.name, self.seed)
         self.hub_names = list(self.hub_names)
         self.check()

@@ -63,6 +63,10 @@ class MMBench(Benchmark):
 class MMBenchEN(MMBench):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/MMBench", "lmms-lab-encoder/MMBench"])
     config: str | None = "en"
+    max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=lambda: ["ASSISTANT:"])
+
+    generation_source = "lmms_eval/tasks/mmbench/_default_template_mmbench_en_yaml"
 
     language = "en"
     download = "the lmms-lab/MMBench dataset (now lmms-lab-encoder/MMBench), config en"
@@ -73,6 +77,9 @@ class MMBenchEN(MMBench):
 class MMBenchCN(MMBench):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/MMBench", "lmms-lab-encoder/MMBench"])
     config: str | None = "cn"
+    max_new_tokens: int = 256
+
+    generation_source = "lmms_eval/tasks/mmbench/_default_template_mmbench_cn_yaml"
 
     language = "cn"
     download = "the lmms-lab/MMBench dataset (now lmms-lab-encoder/MMBench), config cn"

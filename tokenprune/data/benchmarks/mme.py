@@ -60,9 +60,11 @@ class MMEScore(Scorer):
 class MME(Benchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/MME", "lmms-lab-encoder/MME"])
     split: str = "test"
+    max_new_tokens: int = 16
 
     columns = ("question_id", "question", "image", "answer", "category")
     download = "the lmms-lab/MME dataset (now lmms-lab-encoder/MME)"
+    generation_source = 'lmms_eval/tasks/mme/mme.yaml'
 
     def make_scorer(self):
         return MMEScore()

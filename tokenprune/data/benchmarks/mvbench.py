@@ -51,12 +51,14 @@ def prompt(question: str, candidates: list[str]) -> str:
 class MVBench(VideoBenchmark):
     hub_names: list[str] = field(default_factory=lambda: ["OpenGVLab/MVBench"])
     split: str = "train"
+    max_new_tokens: int = 16
     revision: str | None = "video"  # the hub revision with the videos converted to mp4
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
 
     columns = ("video", "question", "candidates", "answer")
     download = ("the OpenGVLab/MVBench dataset (revision video) and its videos: unzip the archives of its video/ "
                 "folder into video_dir (star/, clevrer/, perception/, ...)")
+    generation_source = 'lmms_eval/tasks/mvbench/_default_template_yaml'
 
     def check(self) -> None:
         self.tasks = list(self.tasks)

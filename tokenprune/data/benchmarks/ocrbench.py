@@ -64,6 +64,7 @@ class OCRBench(Benchmark):
 
     columns = ("dataset", "question", "question_type", "answer", "image")
     download = "the echo840/OCRBench dataset"
+    generation_source = 'lmms_eval/tasks/ocrbench/ocrbench.yaml'
 
     def make_scorer(self):
         return OCRBenchScore()

@@ -18,11 +18,13 @@ PROMPT = "{question}\nAnswer the question using a single word or phrase."
 class POPE(Benchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/POPE", "lmms-lab-encoder/POPE"])
     split: str = "test"
+    max_new_tokens: int = 128
     config: str | None = None  # "Full": one split per category (adversarial, popular, random)
 
     columns = ("id", "question", "answer", "image", "category")
     id_column = "id"  # question_id repeats across the three categories
     download = "the lmms-lab/POPE dataset (now lmms-lab-encoder/POPE)"
+    generation_source = 'lmms_eval/tasks/pope/pope.yaml'
 
     def make_scorer(self):
         return YesNo(breakdown=("category",))

@@ -25,9 +25,11 @@ class ScienceQAImg(Benchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/ScienceQA", "lmms-lab-encoder/ScienceQA"])
     config: str | None = "ScienceQA-IMG"
     split: str = "test"
+    max_new_tokens: int = 16
 
     columns = ("image", "question", "choices", "answer", "hint")
     download = "the lmms-lab/ScienceQA dataset (now lmms-lab-encoder/ScienceQA), config ScienceQA-IMG"
+    generation_source = 'lmms_eval/tasks/scienceqa/scienceqa_img.yaml'
 
     def make_scorer(self):
         return MultipleChoice(breakdown=("subject",))

@@ -17,10 +17,14 @@ PROMPT = "{question}\nAnswer the question using a single word or phrase."
 class TextVQA(Benchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/textvqa", "lmms-lab-encoder/textvqa"])
     split: str = "validation"
+    max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=lambda: ['ASSISTANT:'])
 
     columns = ("question_id", "question", "image", "answers")
     id_column = "question_id"
     download = "the lmms-lab/textvqa dataset (now lmms-lab-encoder/textvqa)"
+    generation_source = "lmms_eval/tasks/textvqa/_default_template_textvqa_yaml"
+    generation_note = "the task sets no max_new_tokens: lmms-eval's llava_hf model default (1024) applies"
 
     def make_scorer(self):
         return VQAAccuracy()

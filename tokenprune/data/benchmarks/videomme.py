@@ -21,12 +21,14 @@ INSTRUCTION = "\nAnswer with the option's letter from the given choices directly
 class VideoMME(VideoBenchmark):
     hub_names: list[str] = field(default_factory=lambda: ["lmms-lab/Video-MME", "lmms-eval/Video-MME"])
     split: str = "test"
+    max_new_tokens: int = 16
     config: str | None = "videomme"
 
     columns = ("question_id", "videoID", "duration", "question", "options", "answer")
     id_column = "question_id"
     download = ("the lmms-lab/Video-MME dataset (now lmms-eval/Video-MME) and its videos: unzip "
                 "videos_chunked_*.zip into video_dir, giving <videoID>.mp4")
+    generation_source = 'lmms_eval/tasks/videomme/videomme.yaml'
 
     def make_scorer(self):
         return MultipleChoice(breakdown=("duration", "domain", "task_type"))
