@@ -18,12 +18,12 @@ paired delta [95% bootstrap interval] against the unpruned model on all samples,
 subset (solved unpruned, wrong after ``downsample`` at the block's budget). PruneVid is video-only (not here).
 
     python benchmarks/methods_compare.py              # measure (200 samples per model), write the data, render
+    python benchmarks/methods_compare.py --groups vision   # measure one run per model, keep the others' data
     python benchmarks/methods_compare.py --render     # re-render the Markdown from the committed data only
-    python benchmarks/methods_compare.py --check      # re-measure the first samples (quick) and compare
 
 Data: ``docs/tables/methods_compare.json`` (one record per model and sample, every method's run on it); the
-table lives in ``docs/methods/compare.md`` between ``<!-- table:methods_compare -->`` markers. With
-``benchmarks/_tables.py`` present (the generated-tables mechanism) the source and table register there as well.
+table lives in ``docs/methods/compare.md`` between ``<!-- table:methods_compare -->`` markers; source and table
+are registered with ``benchmarks/_tables.py`` (``make tables``; ``tests/test_tables.py`` checks both).
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "docs" / "tables" / "methods_compare.json"
-DOCUMENT = ROOT / "docs" / "methods" / "compare.md"
 NAME = "methods_compare"
 MODELS = ("tiny_llava", "tiny_qwen25vl")
 SAMPLES, QUICK_SAMPLES = 200, 1
@@ -60,15 +57,9 @@ BLOCKS = {  # block -> (title, target fraction of N, method specs); one benchmar
     ]),
 }
 
-try:  # the generated-tables mechanism (benchmarks/_tables.py), where it exists
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _tables import source, table
-except ImportError:
-    def source(name, volatile=()):
-        return lambda fn: fn
-
-    def table(name, source):
-        return lambda fn: fn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _tables  # noqa: E402
+from _tables import source, table  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,64 +208,28 @@ def render(data: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data file and document
+# Command line (the data file and the document are written by benchmarks/_tables.py, as every generated table)
 # ---------------------------------------------------------------------------------------------------------
-def dumps(data: dict) -> str:
-    """One record per line (diff-friendly), keys sorted."""
-    lines = ["{", f'"runs": {json.dumps(data["runs"], sort_keys=True)},', '"records": [']
-    records = data["records"]
-    lines += [" " + json.dumps(r, sort_keys=True) + ("," if i < len(records) - 1 else "") for i, r in enumerate(records)]
-    return "\n".join(lines + ["]", "}"]) + "\n"
-
-
-MARKER = re.compile(rf"(<!-- table:{NAME} -->\n)(.*?)(<!-- /table:{NAME} -->)", re.S)
-
-
-def write_document(data: dict) -> None:
-    text = DOCUMENT.read_text()
-    if not MARKER.search(text):
-        raise ValueError(f"{DOCUMENT} has no <!-- table:{NAME} --> marker pair")
-    DOCUMENT.write_text(MARKER.sub(lambda m: m.group(1) + render(data) + "\n" + m.group(3), text))
-
-
-def committed_body() -> str:
-    return MARKER.search(DOCUMENT.read_text()).group(2)
-
-
-def quick_differences(data: dict, quick: dict) -> list[str]:
-    """Records of the quick re-measure that differ from the committed ones with the same key."""
-    committed = {r["key"]: r for r in data["records"]}
-    return [r["key"] for r in quick["records"] if committed.get(r["key"]) != json.loads(json.dumps(r))]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="re-render from the committed data only")
-    parser.add_argument("--check", action="store_true", help="re-measure the first samples and compare")
     parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
                         help="measure only these runs of every model, keeping the others' committed data")
     args = parser.parse_args(argv)
-    if args.render or args.check:
-        data = json.loads(DATA.read_text())
-        if args.check:
-            differing = quick_differences(data, measure(True))
-            stale = committed_body() != render(data) + "\n"
-            print(f"records differing: {differing or 'none'}; document stale: {stale}")
-            return 1 if differing or stale else 0
-    else:
-        data = json.loads(dumps(measure(False, tuple(args.groups))))
+    if not args.render:
+        data = measure(False, tuple(args.groups))
         if set(args.groups) != set(GROUPS):  # keep the committed runs of the other groups
-            old = json.loads(DATA.read_text()) if DATA.is_file() else {"runs": {}, "records": []}
+            old = _tables.load(NAME) if _tables.data_path(NAME).is_file() else {"runs": {}, "records": []}
             kept = {name for name in old["runs"] if name.split("/")[1] not in args.groups}
             data = {"runs": {**{n: old["runs"][n] for n in kept}, **data["runs"]},
                     "records": [r for r in old["records"] if r["run"] in kept] + data["records"]}
-        DATA.parent.mkdir(parents=True, exist_ok=True)
-        DATA.write_text(dumps(data))
+        _tables.data_path(NAME).write_text(_tables.dumps(data))
         if set(data["runs"]) != {f"{m}/{g}" for m in MODELS for g in GROUPS}:
             print(f"measured {sorted(data['runs'])}; the table needs every run")
             return 0
-    write_document(data)
-    print(render(data))
+    _tables.discover()
+    _tables.write_tables([NAME])
+    print(_tables.rendered(NAME))
     return 0
 
 

@@ -1,7 +1,8 @@
 """benchmarks/methods_compare.py: the comparison of every method at equal retained tokens (docs/methods/compare.md)
-is what its committed records render to, and re-measuring the first sample of every run gives those records."""
+holds every method, every run on every sample, and commands that compose to the measured methods (that the
+document is what the records render to, and that the first samples measure again the same, is tests/test_tables.py's
+check of every generated table)."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,11 +14,10 @@ import methods_compare  # noqa: E402
 
 @pytest.fixture(scope="module")
 def committed() -> dict:
-    return json.loads(methods_compare.DATA.read_text())
+    return methods_compare._tables.load(methods_compare.NAME)
 
 
-def test_the_document_holds_what_the_committed_records_render_to(committed):
-    assert methods_compare.committed_body() == methods_compare.render(committed) + "\n"
+def test_every_run_holds_every_method_on_every_sample(committed):
     runs = committed["runs"]
     assert sorted(runs) == sorted(f"{m}/{g}" for m in methods_compare.MODELS for g in methods_compare.GROUPS)
     for name, run in runs.items():  # every method ran on every sample, the unpruned model first
@@ -48,10 +48,3 @@ def test_every_method_is_in_the_comparison():
     video_only = {"prunevid"}
     not_reduction = {"baseline", "layerskip"}  # layer skip removes computation, not tokens
     assert names == set(tp.methods.available()) - video_only - not_reduction
-
-
-def test_the_first_sample_of_every_run_measures_again_the_same(committed, monkeypatch):
-    monkeypatch.setattr(methods_compare, "QUICK_SAMPLES", 1)
-    quick = methods_compare.measure(True)
-    assert len(quick["records"]) == len(committed["runs"])
-    assert methods_compare.quick_differences(committed, quick) == []
