@@ -15,6 +15,7 @@ import torch
 import tokenprune as tp
 
 PREFIX_TOKENS, QUESTION_TOKENS = 14, 20  # text before the visual tokens (system prompt) and after them (question)
+TIMESTAMP_TOKENS = 5  # "<t seconds>" before each temporal step of a per-step video (Qwen3-VL)
 
 
 def load_random_model(name: str, device: str, dtype: str):
@@ -28,12 +29,11 @@ def load_random_model(name: str, device: str, dtype: str):
 
 
 def supports_video(vlm) -> bool:
-    return getattr(vlm.model.config, "video_token_id", None) is not None
+    return vlm.adapter.video
 
 
-def fixed_size_images(vlm) -> bool:
-    """LLaVA-1.5-style input: images of one fixed size (N = a multiple of the tokens per image); otherwise the
-    Qwen-VL style: one image of any grid, patches merged by the vision config's ``spatial_merge_size``."""
+def fixed_image_grid(vlm) -> bool:
+    """Families whose every image is one fixed grid (LLaVA-1.5: resized to the vision tower's input)."""
     return hasattr(vlm.adapter, "tokens_per_image")
 
 
@@ -66,9 +66,10 @@ class Prompt:
 
 
 def visual_grids(vlm, visual: int, kind: str, frames: int) -> list[tuple[int, int, int]]:
-    """Grids giving (about) ``visual`` tokens: Qwen2.5-VL one image (or one video of ``frames`` temporal steps) of
-    any size; LLaVA-1.5 a number of fixed-size images (N is rounded to a multiple of the tokens per image)."""
-    if fixed_size_images(vlm):
+    """Grids giving (about) ``visual`` tokens: the Qwen-VL families one image (or one video of ``frames`` temporal
+    steps) of any size; LLaVA-1.5 a number of fixed-size images (N is rounded to a multiple of the tokens per
+    image)."""
+    if fixed_image_grid(vlm):
         per_image, rows, cols = vlm.adapter.tokens_per_image(vlm.model.config)
         return [(1, rows, cols)] * max(1, round(visual / per_image))
     if kind == "video":
@@ -94,12 +95,18 @@ def build_prompt(vlm, visual: int, kind: str = "image", frames: int = 8, seed: i
 
     placeholder = config.video_token_id if kind == "video" else config.image_token_id
     pieces = [text(PREFIX_TOKENS)]
+    wrap = getattr(config, "vision_start_token_id", None) is not None  # <|vision_start|> run <|vision_end|>
     for t, rows, cols in grids:
-        run = torch.full((t * rows * cols,), placeholder)
-        if getattr(config, "vision_start_token_id", None) is not None:  # Qwen-VL: <|vision_start|> ... <|vision_end|>
-            start, end = torch.tensor([config.vision_start_token_id]), torch.tensor([config.vision_end_token_id])
-            run = torch.cat([start, run, end])
-        pieces.append(run)
+        # a video whose temporal steps are separate runs (Qwen3-VL): a timestamp and the wrapper around each step
+        steps = [(1, rows, cols)] * t if kind == "video" and vlm.adapter.video_runs_per_frame else [(t, rows, cols)]
+        for index, (steps_t, _, _) in enumerate(steps):
+            run = torch.full((steps_t * rows * cols,), placeholder)
+            if wrap:
+                start, end = torch.tensor([config.vision_start_token_id]), torch.tensor([config.vision_end_token_id])
+                run = torch.cat([start, run, end])
+            if len(steps) > 1:
+                run = torch.cat([text(TIMESTAMP_TOKENS), run])
+            pieces.append(run)
     pieces.append(text(QUESTION_TOKENS))
     input_ids = torch.cat(pieces)[None].to(device)
     visual_count = sum(t * rows * cols for t, rows, cols in grids)
@@ -111,7 +118,7 @@ def _encoder_inputs(vlm, grids, kind: str, input_ids: torch.Tensor, generator) -
     config = vlm.model.config
     vision = config.vision_config
     device, dtype = vlm.device, next(vlm.model.parameters()).dtype
-    if fixed_size_images(vlm):
+    if fixed_image_grid(vlm):
         pixels = torch.randn(len(grids), 3, vision.image_size, vision.image_size, generator=generator)
         return {}, {"pixel_values": pixels.to(device, dtype)}
     merge = vision.spatial_merge_size

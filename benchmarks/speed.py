@@ -55,14 +55,17 @@ from _speed_report import write_outputs  # noqa: E402
 
 PRESETS = {
     "cuda": dict(models=["qwen25vl_7b"], dtype="bfloat16", repeats=10, warmup=2, decode_steps=10,
-                 lengths={"qwen25vl": [576, 1196, 4096, 16384], "llava": [576, 1152, 2304, 4032]},
+                 lengths={"dynamic": [576, 1196, 4096, 16384], "llava": [576, 1152, 2304, 4032]},
                  budgets=[0.5, 0.25], peer_max_tokens=8192),
     "cpu": dict(models=["tiny_qwen25vl", "tiny_llava"], dtype="float32", repeats=5, warmup=1, decode_steps=5,
-                lengths={"qwen25vl": [144, 576, 1024], "llava": [144, 576, 1008]},
+                lengths={"dynamic": [144, 576, 1024], "llava": [144, 576, 1008]},
                 budgets=[0.5, 0.25], peer_max_tokens=1 << 30),
-    "smoke": dict(models=["tiny_qwen25vl", "tiny_llava"], dtype="float32", repeats=2, warmup=1, decode_steps=2,
-                  lengths={"qwen25vl": [64], "llava": [144]}, budgets=[0.5, 0.25], peer_max_tokens=1 << 30),
+    # every registered family's tiny model
+    "smoke": dict(models=sorted(adapter.tiny_model for adapter in tp.models.adapters()), dtype="float32", repeats=2,
+                  warmup=1, decode_steps=2, lengths={"dynamic": [64], "llava": [144]}, budgets=[0.5, 0.25],
+                  peer_max_tokens=1 << 30),
 }
+# N per family: LLaVA-1.5 in whole fixed-size images; the families with dynamic resolution ("dynamic") any N
 VIDEO_METHODS = {"prunevid"}  # methods measured on a video-shaped input
 
 
@@ -249,7 +252,8 @@ def run_model(name: str, args, log) -> list[dict]:
             for m in names if m in VIDEO_METHODS and not supports_video(vlm)]
     kinds = ["image"] + (["video"] if supports_video(vlm) and any(m in VIDEO_METHODS for m in names) else [])
     timer = LayerTimer(vlm, args.repeats, args.warmup)
-    lengths = args.lengths or PRESETS[args.preset]["lengths"][vlm.adapter.family]
+    preset_lengths = PRESETS[args.preset]["lengths"]
+    lengths = args.lengths or preset_lengths.get(vlm.adapter.family, preset_lengths["dynamic"])
     # Every row releases memory (gc.collect, then the CUDA cache); freezing what exists now (modules, the model)
     # keeps those collections from rescanning ~10^5 long-lived objects each time (0.5 s a collection here).
     gc.collect()

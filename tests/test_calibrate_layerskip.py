@@ -62,7 +62,9 @@ def greedy_answer(vlm, inputs, k):
                                                                 (0, ids.shape[1] - inputs["input_ids"].shape[1]))
         with torch.no_grad():
             logits = vlm.model(**step, use_cache=False).logits[0, -1]
-            logits[[vlm.model.config.image_token_id]] = float("-inf")  # placeholders are never answers
+            config = vlm.model.config
+            placeholders = [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+            logits[placeholders] = float("-inf")  # placeholders (image and video) are never answers
             token = logits.argmax()
         answer.append(int(token))
         ids = torch.cat([ids, token.view(1, 1)], dim=1)

@@ -59,3 +59,28 @@ def test_layer_skip_accounting_removes_exactly_the_skipped_rows():
     full = layer_flops(shape, 10)
     no_visual_mlp = layer_flops(shape, 10, mlp_rows=4)
     assert full - no_visual_mlp == 2 * 6 * 8 * 16 * 3
+
+
+# The published architectures' decoder shapes (config.json values): (hidden, intermediate, layers, heads, kv heads,
+# head_dim, router); MoE: top-k x expert width and the router's experts.
+SHAPES = {
+    "llava15_7b": (4096, 11008, 32, 32, 32, 128, 0),
+    "qwen2vl_7b": (3584, 18944, 28, 28, 4, 128, 0),
+    "qwen25vl_7b": (3584, 18944, 28, 28, 4, 128, 0),
+    "qwen3vl_4b": (2560, 9728, 36, 32, 8, 128, 0),
+    "qwen3vl_8b": (4096, 12288, 36, 32, 8, 128, 0),
+    "qwen3vl_30b_a3b": (2048, 8 * 768, 48, 32, 4, 128, 128),
+}
+
+
+def test_every_named_architecture_has_its_familys_decoder_shape():
+    import tokenprune as tp
+
+    for name in tp.models.available_models():
+        spec = tp.models.model_spec(name)
+        config = spec.random_config()
+        shape = tp.models.adapter_named(spec.family).decoder_shape(config.get_text_config())
+        assert shape.layers == config.get_text_config().num_hidden_layers, name
+        if name in SHAPES:
+            assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads, shape.head_dim,
+                    shape.router) == SHAPES[name], name

@@ -31,12 +31,19 @@ from _speed_measure import EagerMapScoring, Schedule, eager_attention_maps, idea
 from _speed_report import check  # noqa: E402
 
 
+SMOKE_MODELS = ("tiny_llava", "tiny_qwen3vl")  # a fixed-grid family and the one with DeepStack and per-step videos
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     with redirect_stdout(io.StringIO()) as printed, redirect_stderr(io.StringIO()):
-        results = speed.main(["--smoke", "--out", str(out)])
+        results = speed.main(["--smoke", "--model", *SMOKE_MODELS, "--out", str(out)])
     return results, out, printed.getvalue()
+
+
+def test_the_smoke_preset_covers_every_registered_family():
+    assert speed.PRESETS["smoke"]["models"] == sorted(adapter.tiny_model for adapter in tp.models.adapters())
 
 
 def test_smoke_run_writes_json_markdown_and_plot(smoke):
@@ -44,7 +51,7 @@ def test_smoke_run_writes_json_markdown_and_plot(smoke):
     assert json.loads((out / "speed.json").read_text())["rows"] == json.loads(json.dumps(results["rows"], default=str))
     markdown = (out / "speed.md").read_text()
     assert printed == markdown + "\n"  # the same tables are printed
-    for heading in ("## tiny_qwen25vl", "## tiny_llava", "### Vision encoder and time to first token",
+    for heading in ("## tiny_qwen3vl", "## tiny_llava", "### Vision encoder and time to first token",
                     "### Decoder prefill, decode and memory", "### Targets", "| N | input | method |"):
         assert heading in markdown
     assert (out / "speed.png").stat().st_size > 10_000
@@ -56,7 +63,7 @@ def test_smoke_run_writes_json_markdown_and_plot(smoke):
 def test_every_registered_method_has_rows_or_a_skip_reason(smoke):
     results, _, _ = smoke
     rows = results["rows"]
-    for model in ("tiny_qwen25vl", "tiny_llava"):
+    for model in SMOKE_MODELS:
         own = [r for r in rows if r["model"] == model]
         for name in tp.methods.available():
             mine = [r for r in own if r["method"] == name and r["variant"] == "tokenprune"]
@@ -93,7 +100,7 @@ def test_measured_rows_carry_every_number(smoke):
 def test_peer_rows_select_the_same_tokens_from_eager_maps(smoke):
     results, _, _ = smoke
     peers = [r for r in results["rows"] if r["variant"] == "peer"]
-    for model in ("tiny_qwen25vl", "tiny_llava"):
+    for model in SMOKE_MODELS:
         labels = {r["label"] for r in peers if r["model"] == model and r["status"] == "ok"}
         assert "baseline [eager]" in labels
         assert sum("[peer: eager maps]" in label for label in labels) == 2 * len(speed.PRESETS["smoke"]["budgets"])
@@ -194,3 +201,14 @@ def test_real_7b_architectures_and_prompts_on_the_meta_device():
     prompt = build_prompt(llava, 4096)
     assert prompt.visual == 4032 and prompt.pixel_inputs["pixel_values"].shape == (7, 3, 336, 336)
     assert prompt.tokens <= llava.model.config.text_config.max_position_embeddings
+
+
+def test_a_qwen3vl_video_prompt_has_one_run_per_temporal_step():
+    """Qwen3-VL-8B on the meta device: each temporal step is its own run, a timestamp and the vision wrapper
+    around it, so the stock rope index (which splits videos per step) lines up."""
+    from _speed_inputs import TIMESTAMP_TOKENS
+
+    qwen3 = load_random_model("qwen3vl_8b", "meta", "bfloat16")
+    video = build_prompt(qwen3, 4096, "video", frames=8)
+    assert video.grids == [(8, 16, 32)] and video.visual == 4096
+    assert video.tokens == 4096 + 8 * (TIMESTAMP_TOKENS + 2) + 14 + 20  # 8 x (timestamp, start, end) + text

@@ -354,9 +354,12 @@ class Reduction:
         row ``order[i] - K``. None without merged rows (kept rows in order)."""
         if self.merged is None:
             return None
-        # kept row r sorts at 2r + 1, a merged row anchored at a at 2a: before row a, after rows below it
-        keys = torch.cat([2 * self.keep + 1, 2 * self.merged.anchor.clamp(max=length)])
-        return torch.argsort(keys, stable=True)
+        cached = self.__dict__.get("_order")  # computed once per reduction (every per-row tensor uses it)
+        if cached is None or cached[0] != length:
+            # kept row r sorts at 2r + 1, a merged row anchored at a at 2a: before row a, after rows below it
+            keys = torch.cat([2 * self.keep + 1, 2 * self.merged.anchor.clamp(max=length)])
+            cached = self.__dict__["_order"] = (length, torch.argsort(keys, stable=True))
+        return cached[1]
 
     def rows(self, x: torch.Tensor, dim: int, values: torch.Tensor | None = None) -> torch.Tensor:
         """The new sequence's rows of a per-row tensor ``x`` ``[..., L, ...]`` (rows along ``dim``).

@@ -42,6 +42,7 @@ class ModelAdapter(FamilySpec):
 
     tiny_model: str | None = None  # the family's tiny test architecture (a registered named model)
     option_keys: dict[str, tuple[str, ...]] = {}  # processor options per group: {"image": (...), "video": (...)}
+    video_runs_per_frame: bool = False  # a video is one placeholder run per temporal step (text between them)
 
     @property
     def model_class(self) -> type:

@@ -28,6 +28,7 @@ from ..data.sample import Sample, VideoFrames
 from ..engine.contract import ModelInputError, VisualSpec
 from .base import Inputs, ModelAdapter, ModelSpec, register_adapter, register_model
 from .images import load_images
+from .zoo.tiny import tiny_qwen_ids, tiny_qwen_processor, tiny_qwen_text
 
 IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels")
 VIDEO_OPTION_KEYS = ("fps", "nframes", "min_pixels", "max_pixels", "min_frames", "max_frames", "total_pixels")
@@ -278,62 +279,16 @@ def qwen2vl_config(size: str) -> Qwen2VLConfig:
     )
 
 
-def tiny_qwen_text(vocab: int, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
-                   rope_theta: float, section: list[int] | None = None, **extra) -> dict:
-    """The text config of a tiny Qwen-VL decoder (mRoPE sections cover head_dim / 2 frequencies)."""
-    from .zoo.tiny import QWEN_SPECIALS
-
-    head_dim = extra.get("head_dim") or hidden // heads
-    if section is None:
-        section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
-        section.append(head_dim // 2 - sum(section))
-    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096, bos_token_id=None,
-                eos_token_id=QWEN_SPECIALS.index("<|im_end|>"), pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"),
-                tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section}, **extra)
-
-
-def tiny_qwen_ids() -> dict:
-    """The special-token ids of the tiny Qwen-VL tokenizer, as config fields."""
-    from .zoo.tiny import QWEN_SPECIALS
-
-    return dict(image_token_id=QWEN_SPECIALS.index("<|image_pad|>"), video_token_id=QWEN_SPECIALS.index("<|video_pad|>"),
-                vision_start_token_id=QWEN_SPECIALS.index("<|vision_start|>"),
-                vision_end_token_id=QWEN_SPECIALS.index("<|vision_end|>"), bos_token_id=None,
-                eos_token_id=QWEN_SPECIALS.index("<|im_end|>"), pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"),
-                tie_word_embeddings=False)
-
-
 def tiny_qwen2vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
                         vision_hidden: int = 32, vision_depth: int = 2, vision_heads: int = 2, patch_size: int = 14,
                         rope_theta: float = 10000.0) -> Qwen2VLConfig:
     """A tiny random Qwen2-VL (168 x 168 px image → 6 x 6 = 36 visual tokens with ``tiny_processor``)."""
-    from .zoo.tiny import qwen_tokenizer
-
     return Qwen2VLConfig(
-        text_config=tiny_qwen_text(len(qwen_tokenizer()), layers, hidden, heads, kv_heads, intermediate, rope_theta),
+        text_config=tiny_qwen_text(layers, hidden, heads, kv_heads, intermediate, rope_theta),
         vision_config=dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2,
                            num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2),
         **tiny_qwen_ids(),
     )
-
-
-def tiny_qwen_processor(processor_class, image_processor_class=None, video_processor_class=None,
-                        min_pixels: int = 56 * 56, max_pixels: int = 168 * 168, patch_size: int = 14, **video_kwargs):
-    """A stock Qwen-VL processor with the tiny word-level tokenizer and chat template (no download)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    from .zoo.tiny import QWEN_TEMPLATE, qwen_tokenizer
-
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    image_processor = (image_processor_class or Qwen2VLImageProcessor)(
-        size=size, patch_size=patch_size, merge_size=2, temporal_patch_size=2)
-    video_processor = (video_processor_class or Qwen2VLVideoProcessor)(
-        size=size, patch_size=patch_size, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=True,
-        **video_kwargs)
-    return processor_class(image_processor=image_processor, tokenizer=qwen_tokenizer(), video_processor=video_processor,
-                           chat_template=QWEN_TEMPLATE)
 
 
 for _size in ("2b", "7b"):

@@ -99,42 +99,62 @@ def tiny_llava_processor(image_size: int = 84, patch_size: int = 14) -> LlavaPro
 # ---------------------------------------------------------------------------------------------------------
 # Qwen2.5-VL
 # ---------------------------------------------------------------------------------------------------------
+def tiny_qwen_text(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, rope_theta: float,
+                   section: list[int] | None = None, **extra) -> dict:
+    """The text config of a tiny Qwen-VL decoder with the test tokenizer (mRoPE sections cover head_dim / 2
+    frequencies: by default 1/8 on t, the rest split between h and w)."""
+    head_dim = extra.get("head_dim") or hidden // heads
+    if section is None:
+        section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
+        section.append(head_dim // 2 - sum(section))
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=len(qwen_tokenizer()), max_position_embeddings=4096,
+                bos_token_id=None, eos_token_id=QWEN_SPECIALS.index("<|im_end|>"),
+                pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"), tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section}, **extra)
+
+
+def tiny_qwen_ids() -> dict:
+    """The special-token ids of the test tokenizer, as Qwen-VL config fields."""
+    return dict(image_token_id=QWEN_SPECIALS.index("<|image_pad|>"), video_token_id=QWEN_SPECIALS.index("<|video_pad|>"),
+                vision_start_token_id=QWEN_SPECIALS.index("<|vision_start|>"),
+                vision_end_token_id=QWEN_SPECIALS.index("<|vision_end|>"), bos_token_id=None,
+                eos_token_id=QWEN_SPECIALS.index("<|im_end|>"), pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"),
+                tie_word_embeddings=False)
+
+
+def tiny_qwen_processor(processor_class, video_processor_class=None, min_pixels: int = 56 * 56,
+                        max_pixels: int = 168 * 168, patch_size: int = 14, chat_template: str = QWEN_TEMPLATE):
+    """A stock Qwen-VL processor (``processor_class``) with the test tokenizer and chat template: images and
+    video frames between ``min_pixels`` and ``max_pixels``, a 2 x 2 merge."""
+    from transformers import Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
+                                            merge_size=2, temporal_patch_size=2)
+    video_processor = (video_processor_class or Qwen2VLVideoProcessor)(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch_size, merge_size=2,
+        temporal_patch_size=2, cap_pixels_per_frame=True)
+    return processor_class(image_processor=image_processor, tokenizer=qwen_tokenizer(), video_processor=video_processor,
+                           chat_template=chat_template)
+
+
 def tiny_qwen25vl_config(layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                          intermediate: int = 128, vision_hidden: int = 32, vision_depth: int = 2,
                          window_size: int = 56, patch_size: int = 14, vision_heads: int = 2,
                          rope_theta: float = 10000.0) -> Qwen2_5_VLConfig:
-    vocab = len(qwen_tokenizer())
-    head_dim = hidden // heads
-    section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
-    section.append(head_dim // 2 - sum(section))
     return Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=QWEN_SPECIALS.index("<|im_end|>"),
-                         pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"), tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section}),
+        text_config=tiny_qwen_text(layers, hidden, heads, kv_heads, intermediate, rope_theta),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                            num_heads=vision_heads, out_hidden_size=hidden, patch_size=patch_size, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[vision_depth - 1],
                            tokens_per_second=2),
-        image_token_id=QWEN_SPECIALS.index("<|image_pad|>"), video_token_id=QWEN_SPECIALS.index("<|video_pad|>"),
-        vision_start_token_id=QWEN_SPECIALS.index("<|vision_start|>"),
-        vision_end_token_id=QWEN_SPECIALS.index("<|vision_end|>"),
-        bos_token_id=None, eos_token_id=QWEN_SPECIALS.index("<|im_end|>"), pad_token_id=QWEN_SPECIALS.index("<|endoftext|>"),
-        tie_word_embeddings=False,
+        **tiny_qwen_ids(),
     )
 
 
 def tiny_qwen25vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 168 * 168,
                             patch_size: int = 14) -> Qwen2_5_VLProcessor:
-    from transformers import Qwen2VLVideoProcessor
-
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
-                                            merge_size=2, temporal_patch_size=2)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
-                                            merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=True)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=qwen_tokenizer(),
-                               video_processor=video_processor, chat_template=QWEN_TEMPLATE)
+    return tiny_qwen_processor(Qwen2_5_VLProcessor, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
