@@ -135,3 +135,18 @@ def test_device_map_is_checked_before_any_model_work(tmp_path):
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             build_plan(config(tmp_path, "method=fastv", *overrides.split()))
+
+
+def test_device_auto_on_several_gpus_too_small_is_refused_before_any_model_work(tmp_path, monkeypatch):
+    """model.device=auto plans a model that does not fit one of several GPUs over all of them, at the check."""
+    from test_runner import config
+
+    from tokenprune.models import checks
+    from tokenprune.run.runner import ConfigError, build_plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(checks, "gpu_budget", lambda: {0: 2**20, 1: 2**20})  # two GPUs of 1 MiB each
+    with pytest.raises(ConfigError, match=r"model.device=auto \(over all visible GPUs\): tiny_llava in float32 needs about \d+\.\d MiB for "
+                                          r"its weights, and the 2 visible GPU\(s\) can give 2\.0 MiB"):
+        build_plan(config(tmp_path, "method=fastv"))
+    assert not (tmp_path / "run.json").exists()

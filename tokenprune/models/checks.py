@@ -201,12 +201,14 @@ def gpu_budget() -> dict[int, int]:
     return {index: int(torch.cuda.mem_get_info(index)[0] * GPU_HEADROOM) for index in range(torch.cuda.device_count())}
 
 
-def plan_placement(name: str, family: str, config, dtype: torch.dtype, device_map, budget: dict | None = None) -> dict:
+def plan_placement(name: str, family: str, config, dtype: torch.dtype, device_map, budget: dict | None = None,
+                   field: str | None = None) -> dict:
     """The device of every block of the model (``{module name: device}``) for ``model.device_map``: a mapping of your
     own is returned as given; ``auto`` / ``balanced`` (spread evenly), ``balanced_low_0`` (keep GPU 0 lighter for the
     generation) and ``sequential`` (fill GPU 0 first) are planned by accelerate on the meta device over ``budget``
     (default: ``gpu_budget()``), decoder layers never split. ModelCheckError, with the estimate, when the model does
-    not fit on the GPUs (nothing is offloaded to the CPU or disk: the engine needs every layer's weights in place)."""
+    not fit on the GPUs (nothing is offloaded to the CPU or disk: the engine needs every layer's weights in place);
+    ``field``: the option the error names (default ``model.device_map=...``)."""
     if isinstance(device_map, dict):
         return dict(device_map)
     from accelerate import infer_auto_device_map
@@ -225,7 +227,7 @@ def plan_placement(name: str, family: str, config, dtype: torch.dtype, device_ma
         need = estimate_weight_bytes(family, config, dtype)
         free = sum(budget.values())
         raise ModelCheckError(
-            f"model.device_map={device_map}: {name} in {str(dtype).removeprefix('torch.')} needs about "
+            f"{field or f'model.device_map={device_map}'}: {name} in {str(dtype).removeprefix('torch.')} needs about "
             f"{_size(need)} for its weights, and the {len(budget)} visible GPU(s) can give {_size(free)} "
             f"({GPU_HEADROOM:.0%} of their free memory); use more GPUs or a smaller dtype (layers offloaded to the CPU "
             "are not supported)")

@@ -24,9 +24,10 @@ from ..data import DatasetError, available_datasets, create_dataset, dataset_cla
 from ..methods.base import ModelInfo
 from ..models import ModelSpec, adapter_named, available_models, model_options, model_spec, register_model
 from ..models.base import DTYPES, WEIGHTS
-from ..models.checks import (DEVICE_MAPS, ModelCheckError, architecture_config, checkpoint_fingerprint, is_hub_id,
-                             model_info_from_config, plan_placement)
+from ..models.checks import (DEVICE_MAPS, ModelCheckError, architecture_config, auto_device_map,
+                             checkpoint_fingerprint, is_hub_id, model_info_from_config, plan_placement)
 from ..network import hub_offline
+from .distributed import torchrun_ranks
 
 log = logging.getLogger("tokenprune")
 
@@ -115,8 +116,12 @@ def check_model(model: dict, seed: int = 0) -> CheckedModel:
     offline = hub_offline() if path and is_hub_id(path) else None
     try:
         config = architecture_config(spec, path, weights, offline_reason=offline)
-        if isinstance(device_map, str):  # planned on the meta device: refused here when the GPUs are too small
-            plan_placement(spec.name, spec.family, config, DTYPES[dtype], device_map)
+        spread = device_map if isinstance(device_map, str) else None
+        if device_map is None and model.get("device", "auto") == "auto" and torchrun_ranks() is None:
+            spread = auto_device_map(spec.family, config, DTYPES[dtype])  # what load_model will do
+        if spread is not None:  # planned on the meta device: refused here when the GPUs are too small
+            plan_placement(spec.name, spec.family, config, DTYPES[dtype], spread,
+                           field=None if device_map is not None else "model.device=auto (over all visible GPUs)")
     except ModelCheckError as error:
         raise ConfigError(str(error)) from error
     fields = {**model, "name": spec.name, "family": spec.family, "path": path, "weights": weights, "dtype": dtype,
