@@ -120,3 +120,15 @@ def hook_snapshot(module) -> dict:
     output-capturing hooks on first use; tokenprune must leave exactly what it found)."""
     return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks), "forward" in m.__dict__)
             for name, m in module.named_modules()}
+
+
+@pytest.fixture(autouse=True)
+def named_models_restored():
+    """A run with a user's model YAML registers that model by name (run/checks.py); each test starts and ends with
+    the packaged registry, so a test's user model never reaches registry-wide tests that run after it."""
+    from tokenprune.models import base
+
+    before = dict(base._SPECS)
+    yield
+    base._SPECS.clear()
+    base._SPECS.update(before)
