@@ -211,21 +211,24 @@ def _rss() -> int:
     return current_rss_bytes()
 
 
-def test_memory_is_flat_over_200_alternating_runs(tmp_path):
+def test_memory_is_flat_over_100_alternating_runs(tmp_path):
+    """RSS after 100 alternating baseline / FastV samples is within 2 % of RSS after the first 20 (the warm-up:
+    allocator pools, lazily built kernels). 100 runs, not more: the suite's time budget; a leak of a sample's
+    inputs, cache or report per run exceeds the margin well before that."""
     from tokenprune.run.measure import measure_generation, release_memory
 
     vlm = tp.load_model("tiny_llava", weights="random", device="cpu")
-    dataset = tp.data.create_dataset("synthetic_image", limit=200)
+    dataset = tp.data.create_dataset("synthetic_image", limit=100)
     methods = [tp.methods.create("baseline"), tp.methods.create("fastv", keep_ratio=0.25)]
     readings = {}
-    for index in range(200):
+    for index in range(100):
         inputs = vlm.prepare(dataset[index])
         measure_generation(vlm, inputs, methods[index % 2], max_new_tokens=2)
         del inputs
         release_memory()
-        if index + 1 in (20, 200):
+        if index + 1 in (20, 100):
             readings[index + 1] = _rss()
-    assert readings[200] <= readings[20] * 1.02, readings
+    assert readings[100] <= readings[20] * 1.02, readings
 
 
 @pytest.mark.gpu
