@@ -74,7 +74,7 @@ def test_run_seed_reaches_random_weights_seeded_methods_and_every_sample(tmp_pat
 
     seen = []  # every sample starts from run.seed's random state, whatever ran before it
     monkeypatch.setattr(runner_module, "run_sample",
-                        lambda vlm, plan, index, eos: seen.append(torch.rand(1).item()) or
+                        lambda vlm, plan, index, eos, baselines=None: seen.append(torch.rand(1).item()) or
                         {"index": index, "id": plan.dataset.sample_id(index), "error": "skipped", "runs": {}})
     run_benchmark(config(tmp_path / "run", "run.seed=3", "dataset.limit=2", "method=fastv"))
     torch.manual_seed(3)

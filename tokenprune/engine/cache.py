@@ -29,11 +29,12 @@ class CacheLedger:
         kept = [layout.original for layout in survivors]
         for layer in range(min(index, len(cache.layers))):
             cache_layer = cache.layers[layer]
+            device = cache_layer.keys.device  # the layer's own device (a model spread over devices)
             if cache_layer.keys.shape[-2] == length:
-                layer_rows = rows
+                layer_rows = rows.to(device)
             else:
-                layer_rows = torch.stack([_rows_of(cached, wanted, layout.original_length) for cached, wanted, layout
-                                          in zip(self.cached[layer], kept, survivors)])
+                layer_rows = torch.stack([_rows_of(cached.to(device), wanted.to(device), layout.original_length)
+                                          for cached, wanted, layout in zip(self.cached[layer], kept, survivors)])
             gather = layer_rows[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[-1])
             cache_layer.keys = cache_layer.keys.gather(2, gather)
             cache_layer.values = cache_layer.values.gather(2, gather)

@@ -206,6 +206,16 @@ class TokenLayout:
             meta=dict(self.meta if meta is None else meta),
         )
 
+    def to(self, device) -> "TokenLayout":
+        """The layout with its tensors on ``device`` (itself when they are there; the visual count is kept)."""
+        if self.kind.device == torch.device(device):
+            return self
+        moved = self.with_rows(self.kind.to(device), self.group.to(device), self.cell.to(device),
+                               self.original.to(device))
+        if "num_visual" in self.__dict__:  # counted already: no second host read
+            moved.__dict__["num_visual"] = self.__dict__["num_visual"]
+        return moved
+
     def describe(self) -> str:
         n_text = self.length - self.num_visual
         return (

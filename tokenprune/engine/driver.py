@@ -39,6 +39,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .cache import CacheLedger, cached_keys, decode_mask
 from .compat import cache_argument, cache_kwargs, set_cache_argument
 from .contract import DecoderInput, PrefillStep, PruningInputError, Reduction
+from .devices import forward_slot, module_device, refuse_offloaded
 from .family import FamilySpec, refuse_missing_input_ids
 from .report import OverheadTimer, PrefillReport
 from .scores import attention_probabilities, project_keys, project_queries
@@ -120,19 +121,21 @@ class Driver:
         self.outer = family.outer_model(model)
         self.text_model = family.text_model(model)
         self.layers = family.layers(model)
+        self.devices = [module_device(layer) for layer in self.layers]  # several when accelerate spread the model
         self.attention = [family.attention_math(layer) for layer in self.layers]
         self.final_norm = family.final_norm(model)
         self.info = family.model_info(model)
         self.config = self.text_model.config
         self.changes_rows = method.uses_before_llm or method.uses_prune_layers
         self._handles: list = []
-        self._wrapped_forwards: list = []
+        self._wrapped_forwards: list = []  # (layer, attribute, the instance's own previous value or None)
         self._captured: dict | None = None
         self.active: PrefillCall | DecodeCall | None = None
         self.last_report: PrefillReport | None = None
 
     # -- installation -----------------------------------------------------------------------------------
     def install(self) -> None:
+        refuse_offloaded(self.layers)
         if self.signals is not None:
             self.signals.install()
         self._handles.append(self.outer.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
@@ -151,14 +154,19 @@ class Driver:
         self._handles.clear()
         if self.signals is not None:
             self.signals.remove()
-        for layer in self._wrapped_forwards:
-            del layer.forward  # drop the instance attribute: the class forward is back
+        for layer, slot, previous in reversed(self._wrapped_forwards):
+            if previous is None:
+                delattr(layer, slot)  # drop the instance attribute: the class forward is back
+            else:
+                setattr(layer, slot, previous)  # accelerate's wrapped forward, or whatever was there
         self._wrapped_forwards.clear()
         self._captured = None
         self.active = None
 
     def _wrap_layer_forward(self, index: int, layer) -> None:
-        stock_forward = layer.forward
+        """Wrap the layer's forward (inside accelerate's device hook, where there is one: ``forward_slot``)."""
+        slot = forward_slot(layer)
+        stock_forward = getattr(layer, slot)
 
         def forward(hidden_states, *args, **kwargs):
             call = self.active
@@ -169,8 +177,8 @@ class Driver:
                 return stock_forward(hidden_states, *args, **kwargs)
             return run_planned_layer(self.attention[index], plan, call.seq.layouts, hidden_states, **kwargs)
 
-        layer.forward = forward
-        self._wrapped_forwards.append(layer)
+        self._wrapped_forwards.append((layer, slot, layer.__dict__.get(slot)))
+        setattr(layer, slot, forward)
 
     # -- outer model: remember the inputs of the current call --------------------------------------------
     def _capture_inputs(self, module, args, kwargs):
@@ -328,10 +336,11 @@ class Driver:
         seq.hidden = args[0] if args else kwargs.pop("hidden_states")
         if not seq.changed:
             seq.tables = kwargs["position_embeddings"]  # the stock loop's tables are the rows' tables
+        seq = call.seq = seq.to(self.devices[index])  # a model spread over devices: the rows go to this layer's
         seq.add_side_input(index)
         if index in call.select_layers:
             self._select(index, call)
-            seq = call.seq
+            seq = call.seq = call.seq.to(self.devices[index])
         seq.previous = seq.hidden if index in call.score_previous_at else None
         if call.select_layers:
             call.ledger.record(index, seq.layouts)
@@ -404,11 +413,15 @@ class Driver:
         def scorer(layer, queries, keys, rope, causal, heads, reduce):
             source, keys_cached = source_of(layer, "attention")
             math = self.attention[layer]
-            q = project_queries(math, source, queries, *tables, rope=rope)
-            k = keys_cached if keys_cached is not None and rope else project_keys(math, source, *tables, rope=rope)
-            probs = attention_probabilities(q, k, queries, keys, math.scaling, causal=causal, heads=heads,
-                                            reduce=reduce, chunk_bytes=self._score_budget(source))
-            return probs[0]
+            device = self.devices[layer]  # the scoring layer's own device (layer index - 1 may sit on another)
+            source, layer_tables = source.to(device), tuple(table.to(device) for table in tables)
+            q = project_queries(math, source, queries.to(device), *layer_tables, rope=rope)
+            k = (keys_cached if keys_cached is not None and rope
+                 else project_keys(math, source, *layer_tables, rope=rope))
+            probs = attention_probabilities(q, k, queries.to(device), None if keys is None else keys.to(device),
+                                            math.scaling, causal=causal, heads=heads, reduce=reduce,
+                                            chunk_bytes=self._score_budget(source))
+            return probs[0].to(hidden.device)
 
         def keys_of(layer: int) -> torch.Tensor:
             source, keys_cached = source_of(layer, "keys")

@@ -94,6 +94,22 @@ class PrefillSequence:
             changed=True, masks=None,
         )
 
+    def to(self, device: torch.device) -> "PrefillSequence":
+        """Every per-row value on ``device`` (a model spread over devices: each layer's pre-hook moves the rows to the
+        layer's device). Itself when everything is there already."""
+        values = [self.hidden, self.positions, *(layout.kind for layout in self.layouts), *(self.tables or ()),
+                  *self.side.values(), self.previous, *(self.masks or {}).values()]
+        if all(value.device == device for value in values if isinstance(value, torch.Tensor)):
+            return self
+        move = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value  # noqa: E731
+        return replace(
+            self, hidden=move(self.hidden), positions=move(self.positions),
+            layouts=[layout.to(device) for layout in self.layouts],
+            tables=None if self.tables is None else tuple(move(t) for t in self.tables),
+            side={layer: move(values) for layer, values in self.side.items()}, previous=move(self.previous),
+            masks=None if self.masks is None else {kind: move(mask) for kind, mask in self.masks.items()},
+        )
+
     def sample(self, b: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Sample ``b``'s hidden ``[1, L, d]``, positions ``[1, P, L]`` and tables ``[1, L, hd]``."""
         tables = tuple(t.expand(self.batch, *t.shape[1:])[b : b + 1] for t in self.tables)

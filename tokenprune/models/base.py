@@ -87,12 +87,14 @@ class ModelAdapter(FamilySpec):
         """The processor of ``tiny_config`` (built in code: no download)."""
 
     # -- loading ----------------------------------------------------------------------------------------
-    def load_pretrained(self, path: str, dtype: torch.dtype, attn_implementation: str):
+    def load_pretrained(self, path: str, dtype: torch.dtype, attn_implementation: str, device_map: dict | None = None):
+        """The checkpoint at ``path`` (on the CPU, or spread as ``device_map`` says: ``{module: device}``)."""
         from transformers import AutoConfig, AutoProcessor
 
         config = AutoConfig.from_pretrained(path)
         model_class = self.class_for_config(config)
-        model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        placed = {} if device_map is None else {"device_map": device_map}
+        model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **placed)
         processor = AutoProcessor.from_pretrained(path)
         return model, processor
 
@@ -219,7 +221,15 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device (its first device when spread over several)."""
+        from ..engine.devices import module_device
+
+        return module_device(self.model)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding the model's weights (several with ``model.device_map``)."""
+        return sorted({p.device for p in self.model.parameters() if p.device.type != "meta"}, key=str)
 
     def prepare(self, sample: Sample, method=None) -> Inputs:
         """Model inputs of ``sample``; ``method``: a method that changes the preprocessing (``before_processor``,
@@ -247,12 +257,15 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(name: str, path: str | None = None, weights: str = "pretrained", dtype: str = "float32",
                device: str = "auto", attn_implementation: str = "sdpa", seed: int = 0,
-               options: dict | None = None) -> VLM:
+               options: dict | None = None, device_map: str | dict | None = None) -> VLM:
     """Load a named model (``tiny_llava``, ``llava15_7b``, ``qwen25vl_7b``, ...).
 
     ``weights=pretrained`` loads ``path`` (a local checkpoint directory or hub id; tiny models default to
     their packaged checkpoint); ``weights=random`` builds the architecture (from ``path``'s config when
-    given) with random weights, for speed and memory benchmarks.
+    given) with random weights, for speed and memory benchmarks. ``device_map`` (``auto``, ``balanced``,
+    ``balanced_low_0``, ``sequential`` or ``{module: device}``) spreads the model over the visible GPUs with accelerate
+    instead of placing it on ``device``; ``device=auto`` does so by itself (``device_map=auto``) when several GPUs are
+    visible and the weights do not fit into one.
     """
     spec = model_spec(name)
     adapter = adapter_named(spec.family)
@@ -273,7 +286,15 @@ def load_model(name: str, path: str | None = None, weights: str = "pretrained", 
             raise ValueError(f"model.path is required for model={name} with weights=pretrained{hint}")
         if not _looks_like_hub_id(path) and not Path(path).is_dir():
             raise FileNotFoundError(f"model.path={path!r} does not exist (model={name})")
-        model, processor = adapter.load_pretrained(path, torch_dtype, attn_implementation)
+        from transformers import AutoConfig
+
+        from .checks import auto_device_map, plan_placement
+
+        config = AutoConfig.from_pretrained(path)
+        if device == "auto" and device_map is None:  # several GPUs and a model too large for one: spread it
+            device_map = auto_device_map(spec.family, config, torch_dtype)
+        placement = None if device_map is None else plan_placement(name, spec.family, config, torch_dtype, device_map)
+        model, processor = adapter.load_pretrained(path, torch_dtype, attn_implementation, device_map=placement)
     else:
         if path:
             from transformers import AutoConfig, AutoProcessor
@@ -286,10 +307,16 @@ def load_model(name: str, path: str | None = None, weights: str = "pretrained", 
         else:
             config = spec.random_config()
             processor = spec.random_processor() if spec.random_processor else None
-        from .checks import build_random_on_device  # estimates the memory, then builds on the target device
+        from .checks import auto_device_map, build_random_on_device, build_random_placed, plan_placement
 
-        model = build_random_on_device(name, spec.family, config, torch_dtype, attn_implementation, seed, target)
-    model = model.to(target).eval()
+        if device == "auto" and device_map is None:
+            device_map = auto_device_map(spec.family, config, torch_dtype)
+        if device_map is not None:  # built on the meta device, materialised block by block on its device
+            placement = plan_placement(name, spec.family, config, torch_dtype, device_map)
+            model = build_random_placed(name, spec.family, config, torch_dtype, attn_implementation, seed, placement)
+        else:  # estimates the memory, then builds on the target device
+            model = build_random_on_device(name, spec.family, config, torch_dtype, attn_implementation, seed, target)
+    model = (model if device_map is not None else model.to(target)).eval()
     return VLM(name=name, model=model, processor=processor, adapter=adapter, options=options)
 
 

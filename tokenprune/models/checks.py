@@ -175,3 +175,126 @@ def build_random_on_device(name: str, family: str, config, dtype: torch.dtype, a
     with torch.device(device):
         return adapter_named(family).build_random(config, dtype, attn_implementation, seed)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model.device_map: one model spread over the visible GPUs (accelerate), planned on the meta device
+# ---------------------------------------------------------------------------------------------------------
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+GPU_HEADROOM = 0.9  # fraction of each GPU's free memory the weights may take (the rest: activations, KV cache)
+
+
+def meta_model(family: str, config, dtype: torch.dtype):
+    """The architecture on the meta device: every parameter and buffer shaped, nothing allocated or initialised."""
+    model_class = adapter_named(family).class_for_config(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+    try:
+        with torch.device("meta"):
+            return model_class(copy.deepcopy(config))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def gpu_budget() -> dict[int, int]:
+    """Bytes each visible GPU may give the weights (``GPU_HEADROOM`` of its free memory)."""
+    return {index: int(torch.cuda.mem_get_info(index)[0] * GPU_HEADROOM) for index in range(torch.cuda.device_count())}
+
+
+def plan_placement(name: str, family: str, config, dtype: torch.dtype, device_map, budget: dict | None = None,
+                   field: str | None = None) -> dict:
+    """The device of every block of the model (``{module name: device}``) for ``model.device_map``: a mapping of your
+    own is returned as given; ``auto`` / ``balanced`` (spread evenly), ``balanced_low_0`` (keep GPU 0 lighter for the
+    generation) and ``sequential`` (fill GPU 0 first) are planned by accelerate on the meta device over ``budget``
+    (default: ``gpu_budget()``), decoder layers never split. ModelCheckError, with the estimate, when the model does
+    not fit on the GPUs (nothing is offloaded to the CPU or disk: the engine needs every layer's weights in place);
+    ``field``: the option the error names (default ``model.device_map=...``)."""
+    if isinstance(device_map, dict):
+        return dict(device_map)
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    budget = gpu_budget() if budget is None else dict(budget)
+    model = meta_model(family, config, dtype)
+    no_split = model._get_no_split_modules("auto") if hasattr(model, "_get_no_split_modules") else model._no_split_modules
+    limits = budget
+    if device_map != "sequential":
+        limits = get_balanced_memory(model, max_memory=dict(budget), no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=device_map == "balanced_low_0")
+        limits = {k: v for k, v in limits.items() if k in budget}
+    placement = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
+    if any(device in ("cpu", "disk") for device in placement.values()) or not placement:
+        need = estimate_weight_bytes(family, config, dtype)
+        free = sum(budget.values())
+        raise ModelCheckError(
+            f"{field or f'model.device_map={device_map}'}: {name} in {str(dtype).removeprefix('torch.')} needs about "
+            f"{_size(need)} for its weights, and the {len(budget)} visible GPU(s) can give {_size(free)} "
+            f"({GPU_HEADROOM:.0%} of their free memory); use more GPUs or a smaller dtype (layers offloaded to the CPU "
+            "are not supported)")
+    return placement
+
+
+def device_of(name: str, placement: dict) -> torch.device:
+    """The device ``placement`` gives the parameter or buffer ``name`` (its longest matching module prefix)."""
+    best = None
+    for prefix in placement:
+        if prefix == "" or name == prefix or name.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best):
+                best = prefix
+    if best is None:
+        raise ModelCheckError(f"model.device_map does not place {name!r}; map every module (or give '' a device)")
+    device = placement[best]
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
+def build_random_placed(name: str, family: str, config, dtype: torch.dtype, attn_implementation: str, seed: int,
+                        placement: dict):
+    """``weights=random`` spread over devices: the architecture is built on the meta device, every parameter and
+    buffer is allocated on its device of ``placement`` and initialised there by the model's own (seeded) init, and
+    accelerate's hooks carry the activations across devices. No device ever holds the whole model."""
+    from accelerate import dispatch_model
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = attn_implementation
+    model = meta_model(family, config, dtype)
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                module._parameters[key] = torch.nn.Parameter(
+                    _unset_like(param, device_of(prefix + key, placement)), requires_grad=False)
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[key] = _unset_like(buffer, device_of(prefix + key, placement))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.initialize_weights()  # every parameter and buffer, where it lies
+    model.tie_weights()
+    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point() and t.isnan().any()]
+    if unset:  # the model's own init skipped them: never benchmark on leftover memory
+        raise ModelCheckError(f"model.weights=random with model.device_map: the model's initialisation left "
+                              f"{len(unset)} tensor(s) unset ({', '.join(unset[:5])})")
+    model.config._attn_implementation = attn_implementation
+    devices = {device_of(n, placement) for n, _ in [*model.named_parameters(), *model.named_buffers()]}
+    return dispatch_model(model, device_map=placement, force_hooks=len(devices) > 1) if len(devices) > 1 else model
+
+
+def _unset_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor``'s shape and dtype on ``device``, floating values NaN (so that any the init misses are found)."""
+    if tensor.is_floating_point():
+        return torch.full(tensor.shape, float("nan"), dtype=tensor.dtype, device=device)
+    return torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+
+
+def auto_device_map(family: str, config, dtype: torch.dtype, budget: dict | None = None) -> str | None:
+    """``model.device=auto`` outside torchrun: ``"auto"`` (accelerate spreads the model over the visible GPUs) when
+    there are several GPUs and the weights do not fit into the first one's share (``GPU_HEADROOM`` of its free
+    memory); None (the model goes to one device) otherwise: a model that fits one GPU runs fastest on one."""
+    budget = (gpu_budget() if torch.cuda.is_available() else {}) if budget is None else budget
+    if len(budget) < 2:
+        return None
+    return "auto" if estimate_weight_bytes(family, config, dtype) > budget[min(budget)] else None
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

@@ -24,9 +24,10 @@ from ..data import DatasetError, available_datasets, create_dataset, dataset_cla
 from ..methods.base import ModelInfo
 from ..models import ModelSpec, adapter_named, available_models, model_options, model_spec, register_model
 from ..models.base import DTYPES, WEIGHTS
-from ..models.checks import (ModelCheckError, architecture_config, checkpoint_fingerprint, is_hub_id,
-                             model_info_from_config)
+from ..models.checks import (DEVICE_MAPS, ModelCheckError, architecture_config, auto_device_map,
+                             checkpoint_fingerprint, is_hub_id, model_info_from_config, plan_placement)
 from ..network import hub_offline
+from .distributed import torchrun_ranks
 
 log = logging.getLogger("tokenprune")
 
@@ -42,6 +43,8 @@ MODEL_FIELDS = {
     "weights": f"one of {list(WEIGHTS)}",
     "dtype": f"one of {list(DTYPES)}",
     "device": "auto, cpu, cuda or cuda:N",
+    "device_map": "null, or one model spread over the visible GPUs: auto, balanced, balanced_low_0, sequential, or a "
+                  "mapping {module: device}",
     "attn_implementation": f"one of {list(ATTN_IMPLEMENTATIONS)}",
     "image": "image resolution options of the family's processor (min_pixels, max_pixels)",
     "video": "video reading options of the family (fps, nframes, min_pixels, max_pixels, ...)",
@@ -90,6 +93,9 @@ def check_model(model: dict, seed: int = 0) -> CheckedModel:
     dtype = model.get("dtype", "float32")
     _choice("model.dtype", dtype, DTYPES)
     device = _check_device(model.get("device", "auto"))
+    device_map = _check_device_map(model.get("device_map"), model.get("device", "auto"))
+    if device_map is not None and not isinstance(device_map, str):
+        device = next((torch.device(d if isinstance(d, str) else f"cuda:{d}") for d in device_map.values()), device)
     attn = model.get("attn_implementation", "sdpa")
     _check_attention(attn, device)
     path = model.get("path")
@@ -110,10 +116,16 @@ def check_model(model: dict, seed: int = 0) -> CheckedModel:
     offline = hub_offline() if path and is_hub_id(path) else None
     try:
         config = architecture_config(spec, path, weights, offline_reason=offline)
+        spread = device_map if isinstance(device_map, str) else None
+        if device_map is None and model.get("device", "auto") == "auto" and torchrun_ranks() is None:
+            spread = auto_device_map(spec.family, config, DTYPES[dtype])  # what load_model will do
+        if spread is not None:  # planned on the meta device: refused here when the GPUs are too small
+            plan_placement(spec.name, spec.family, config, DTYPES[dtype], spread,
+                           field=None if device_map is not None else "model.device=auto (over all visible GPUs)")
     except ModelCheckError as error:
         raise ConfigError(str(error)) from error
     fields = {**model, "name": spec.name, "family": spec.family, "path": path, "weights": weights, "dtype": dtype,
-              "device": model.get("device", "auto"), "attn_implementation": attn, **options,
+              "device": model.get("device", "auto"), "device_map": device_map, "attn_implementation": attn, **options,
               "processor": processor, "seed": seed}
     return CheckedModel(fields, spec, config, model_info_from_config(config, spec.family))
 
@@ -176,6 +188,36 @@ def _check_device(device) -> torch.device:
     if target.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"model.device={device!r} but MPS is not available; use model.device=cpu or auto")
     return target
+
+
+def _check_device_map(device_map, device: str):
+    """``model.device_map``: null, a strategy of accelerate's over the visible GPUs, or ``{module: device}``."""
+    if device_map is None:
+        return None
+    if device != "auto":
+        raise ConfigError(f"model.device_map={device_map!r} and model.device={device!r}: give one of them (the map "
+                          "places the model itself)")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError("model.device_map needs the accelerate package, which is not installed (pip install "
+                          "accelerate)")
+    if isinstance(device_map, str):
+        _choice("model.device_map", device_map, DEVICE_MAPS)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device_map={device_map} spreads the model over the visible GPUs, but CUDA is not "
+                              "available; use model.device=cpu")
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ConfigError(f"model.device_map must be one of {list(DEVICE_MAPS)} or a mapping {{module: device}}, "
+                          f"got {device_map!r}")
+    for module, target in device_map.items():
+        if not isinstance(module, str):
+            raise ConfigError(f"model.device_map: module names are strings, got {module!r}")
+        if isinstance(target, int) and not isinstance(target, bool):
+            target = f"cuda:{target}"
+        if not isinstance(target, str) or not DEVICE_PATTERN.match(target) or target == "auto":
+            raise ConfigError(f"model.device_map[{module!r}]={target!r} is not a device; use cpu, cuda:N or N")
+        _check_device(target)
+    return dict(device_map)
 
 
 def _check_attention(attn, device: torch.device) -> None:

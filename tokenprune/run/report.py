@@ -34,8 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from .difficulty import sections as difficulty_sections  # noqa: E402
-from .results import (RESULTS_FILE, SIGNATURE_FILE, SUMMARY_FILE, format_table, read_records,  # noqa: E402
-                      summarize)
+from .results import (RESULTS_FILE, SIGNATURE_FILE, SUMMARY_FILE, ShardMismatch, check_signatures,  # noqa: E402
+                      format_table, has_results, read_records, summarize)
 
 FLOP_UNITS = (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6))
 
@@ -77,11 +77,12 @@ class Run:
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[tuple[Path, str]]:
-    """Every run directory (one holding results.jsonl) below ``paths``, with its name relative to the path given."""
+    """Every run directory (one holding results.jsonl, or the results files of shards) below ``paths``, with its name
+    relative to the path given."""
     found = {}
     for path in map(Path, paths):
-        candidates = [path] if (path / RESULTS_FILE).exists() else []
-        candidates += [p.parent for p in sorted(path.rglob(RESULTS_FILE))]
+        candidates = [path] if has_results(path) else []
+        candidates += sorted({p.parent for p in path.rglob("results*.jsonl") if has_results(p.parent)})
         for run_dir in candidates:
             relative = run_dir.relative_to(path).as_posix() if run_dir != path else path.name
             found.setdefault(run_dir.resolve(), relative or run_dir.name)
@@ -89,11 +90,14 @@ def find_run_dirs(paths: list[str | Path]) -> list[tuple[Path, str]]:
 
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
-    """A run's identity and per-label summary (summary.json, or recomputed from the records of a partial run)."""
+    """A run's identity and per-label summary (summary.json, or recomputed from the records of a partial run, or of
+    shards not merged yet). Shards of different configurations are refused (ShardMismatch)."""
     run_dir = Path(run_dir)
+    recorded = check_signatures(run_dir)
     records = read_records(run_dir)
     config = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
     signature = json.loads((run_dir / SIGNATURE_FILE).read_text()) if (run_dir / SIGNATURE_FILE).exists() else {}
+    signature = recorded or signature
     payload = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).exists() else None
     identity = (payload or {}).get("identity") or signature.get("identity") or _identity_from_config(config)
     planned = (payload or {}).get("samples")
@@ -406,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dirs", nargs="+", help="run directories, or folders containing them (searched recursively)")
     parser.add_argument("--out", default="report", help="where report.md and the PNG plots go (default: ./report)")
     args = parser.parse_args(argv)
-    report = write_report(args.dirs, args.out)
+    try:
+        report = write_report(args.dirs, args.out)
+    except ShardMismatch as error:
+        raise SystemExit(f"tokenprune.report: {error}") from None
     print(report.read_text())
     print(f"\nwritten: {report} and plots beside it")
 

@@ -4,8 +4,12 @@ Everything that can be checked is checked before any model work (``build_plan``:
 from ``config.json``, layer ranges, the hub when needed, sample ids). Then the run directory is locked and
 its ``run.json`` written. A sample that fails — a corrupt image, a missing file, an out-of-memory error, a
 generation error — is recorded with its error and the run goes on; memory is released after every sample;
-results already written are never lost. Two seams for sharded runs: ``samples_to_run`` (which samples this
-process runs) and ``ResultStore`` (where its records go).
+results already written are never lost.
+
+Sharded runs: a process that is shard i of n (``run.shard=i/n``, or rank i of a torchrun group) writes its own
+results file (``ResultStore``), runs its share of the samples that no results file of the directory holds yet
+(``samples_to_run``), and the shards are merged into one result set at the end (``merge_run``): by rank 0 of a
+torchrun group, by the last independent shard to finish, or by ``python -m tokenprune.merge``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import gc
 import json
 import logging
 import math
+import os
 import random
 import traceback
 from collections import Counter
@@ -30,9 +35,11 @@ from .. import methods as method_registry
 from ..methods.pdrop import stage_boundaries
 from ..models import load_model, model_options
 from .checks import ConfigError, check_dataset, check_methods, check_model, dataset_identity
+from . import distributed
+from .baselines import BaselineCache, auto_baseline_cache
 from .measure import cut_at_stop, end_of_turn_ids, measure_generation, release_memory
-from .results import (SUMMARY_FILE, ResultStore, RunDirectoryBusy, format_table, is_error_record, read_records,
-                      summarize)
+from .results import (SUMMARY_FILE, ResultStore, RunDirectoryBusy, RunDirectoryLock, Shard, format_table,
+                      is_error_record, merge_shards, read_records, summarize)
 
 log = logging.getLogger("tokenprune")
 
@@ -43,7 +50,7 @@ MODEL_METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "model_meth
 TIMING_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "total_ms", "overhead_ms")
 MEMORY_KEYS = ("peak_memory_bytes", "extra_peak_memory_bytes", "memory_kind", "kv_cache_bytes")
 
-__all__ = ["ConfigError", "Plan", "RunInterrupted", "build_plan", "run_benchmark", "samples_to_run"]
+__all__ = ["ConfigError", "Plan", "RunInterrupted", "build_plan", "merge_run", "run_benchmark", "samples_to_run"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -69,6 +76,8 @@ class Plan:
     identity: dict = field(default_factory=dict)  # model, dataset and settings that make runs comparable
     seed: int = 0
     retry_errors: bool = False
+    shard: Shard | None = None  # run.shard=i/n: this job runs shard i of n (torchrun ranks find theirs at start)
+    baseline_cache: Path | None = None  # where unpruned outputs are shared between runs (run.baseline_cache)
 
     def signature(self) -> dict:
         return {"model": self.model, "methods": {k: m.describe() for k, m in self.methods.items()},
@@ -169,6 +178,9 @@ def build_plan(cfg: DictConfig, resolve_output_dir: bool = True) -> Plan:
     if not isinstance(retry_errors, bool):
         raise ConfigError(f"run.retry_errors must be true or false, got {retry_errors!r}")
 
+    shard = _check_shard(run, model.fields)
+    baseline_cache = _baseline_cache_dir(run.get("baseline_cache"))
+
     dataset_cfg = _dataset_fields(cfg)
     dataset = check_dataset(dataset_cfg)
 
@@ -207,7 +219,44 @@ def build_plan(cfg: DictConfig, resolve_output_dir: bool = True) -> Plan:
                 max_new_tokens=max_new_tokens or dataset.max_new_tokens,
                 output_dir=Path(run.output_dir) if resolve_output_dir else None, paired=paired,
                 baseline_label="baseline" if paired else None, logger=logger, config={"dataset": dataset_cfg},
-                identity=identity, seed=seed, retry_errors=retry_errors)
+                identity=identity, seed=seed, retry_errors=retry_errors, shard=shard, baseline_cache=baseline_cache)
+
+
+def _check_shard(run, model_fields: dict) -> Shard | None:
+    """``run.shard`` (``i/n``), checked together with torchrun's ranks and the model's placement."""
+    if run.get("shards") is not None:
+        raise ConfigError(f"run.shards={run.get('shards')} fans one configuration out into shard jobs of a sweep "
+                          "(python -m tokenprune -m run.shards=N ...); one job takes run.shard=i/n")
+    ranks = distributed.torchrun_ranks()
+    text = run.get("shard")
+    try:
+        shard = None if text is None else Shard.parse(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if ranks is not None:
+        if shard is not None:
+            raise ConfigError(f"run.shard={text} under torchrun: the ranks are the shards (rank i of n); give one or "
+                              "the other")
+        if model_fields.get("device_map") is not None:
+            raise ConfigError("model.device_map under torchrun: each rank takes one GPU (data parallel); a model "
+                              "spread over the GPUs runs in one process (python -m tokenprune ...)")
+        try:
+            distributed.rank_device(model_fields.get("device", "auto"), distributed.Group(*ranks))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return shard if shard is None or shard.count > 1 else None
+
+
+def _baseline_cache_dir(value) -> Path | None:
+    """``run.baseline_cache``: null (off), ``auto`` (a sweep's own cache, ``<sweep dir>/baseline_cache``) or a
+    directory shared by any runs that point to it."""
+    if value is None or value is False:
+        return None
+    if value == "auto":
+        return auto_baseline_cache()
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"run.baseline_cache must be null, auto or a directory, got {value!r}")
+    return Path(value)
 
 
 def _dataset_fields(cfg) -> dict:
@@ -243,42 +292,101 @@ def _as_list(value) -> list:
 # ---------------------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------------------
-def samples_to_run(plan: Plan, done: dict) -> list[int]:
-    """Which of the plan's samples this process runs: those not recorded yet (a shard would take its share)."""
-    return [i for i in plan.indices if _sample_id(plan.dataset, i) not in done]
+def samples_to_run(plan: Plan, done: dict, shard: Shard | None = None, balanced: bool = False) -> list[int]:
+    """Which of the plan's samples this process runs: those no results file of the directory holds (``done``), and
+    of those, a shard's share. ``balanced`` (a torchrun group, whose ranks all read the same ``done``): every n-th of
+    the samples left, from the i-th; otherwise (independent jobs, which start at different times): the samples at
+    positions i, i + n, i + 2n, ... of the dataset. Either way every sample left belongs to exactly one shard."""
+    if shard is None:
+        return [i for i in plan.indices if _sample_id(plan.dataset, i) not in done]
+    if balanced:
+        return samples_to_run(plan, done)[shard.index :: shard.count]
+    return [i for position, i in enumerate(plan.indices)
+            if position % shard.count == shard.index and _sample_id(plan.dataset, i) not in done]
 
 
-def open_store(plan: Plan) -> ResultStore:
-    """Where this process's records go: the run directory, locked (a second writer is refused)."""
+def open_store(plan: Plan, shard: Shard | None = None) -> ResultStore:
+    """Where this process's records go: its results file in the run directory, locked (a second writer of the
+    directory, or of the same shard, is refused)."""
     try:
-        return ResultStore(plan.output_dir, plan.signature())
-    except RunDirectoryBusy as error:
+        return ResultStore(plan.output_dir, plan.signature(), shard)
+    except (RunDirectoryBusy, ValueError) as error:  # busy, or the directory holds results of another configuration
         raise ConfigError(str(error)) from error
 
 
 def run_benchmark(cfg: DictConfig, plan: Plan | None = None) -> dict:
-    """Run (or resume) a benchmark; returns the summary (also written to ``summary.json``)."""
+    """Run (or resume) a benchmark, one process or one shard; returns the summary (also written to
+    ``summary.json``), or a shard's own counts when another process merges the run."""
     plan = plan or build_plan(cfg)
-    print(f"tokenprune: run directory {plan.output_dir}", flush=True)
+    group = distributed.start()  # None outside torchrun
+    shard = group.shard if group is not None else plan.shard
+    device = distributed.rank_device(plan.model.get("device", "auto"), group) if group else None
+    where = f" (shard {shard.index} of {shard.count})" if shard else ""
+    print(f"tokenprune: run directory {plan.output_dir}{where}", flush=True)
     labels = list(plan.methods)
-    with open_store(plan) as store:
-        (plan.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        done = store.load()
-        if plan.retry_errors:
-            failed = {sample_id for sample_id, record in done.items() if is_error_record(record)}
-            if failed:
-                store.drop(failed)
-                done = {k: v for k, v in done.items() if k not in failed}
-                print(f"retrying {len(failed)} sample(s) whose records hold errors", flush=True)
-        todo = samples_to_run(plan, done)
-        if done:
-            print(f"resumed: {len(plan.indices) - len(todo)} of {len(plan.indices)} samples done", flush=True)
-        sink = _make_sink(plan, cfg)
-        if todo:
-            _run_samples(plan, cfg, store, done, todo, labels, sink)
+    try:
+        with open_store(plan, shard) as store:
+            _write_config(plan.output_dir, cfg)
+            own = store.load()
+            if plan.retry_errors and shard is None:
+                failed = {sample_id for sample_id, record in own.items() if is_error_record(record)}
+                if failed:
+                    store.drop(failed)
+                    print(f"retrying {len(failed)} sample(s) whose records hold errors", flush=True)
+            if group is not None:
+                group.barrier()  # every rank has opened (and repaired) its own file before any rank reads them all
+            done = {record["id"]: record for record in read_records(plan.output_dir)}
+            if plan.retry_errors and shard is not None:  # a new record without an error wins over the old one
+                done = {k: v for k, v in done.items() if not is_error_record(v)}
+            if group is not None:
+                group.barrier()  # every rank has read every file before any rank writes
+            todo = samples_to_run(plan, done, shard, balanced=group is not None)
+            left = len(samples_to_run(plan, done))
+            if done and (group is None or group.rank == 0):
+                print(f"resumed: {len(plan.indices) - left} of {len(plan.indices)} samples done", flush=True)
+            sink = _make_sink(plan, cfg) if shard is None else None
+            if todo:
+                _run_samples(plan, cfg, store, done, todo, labels, sink, device=device,
+                             show_progress=group is None or group.rank == 0)
+        if shard is None:
+            return finish_run(plan, cfg, sink)
+        if group is not None and group.rank == 0:  # wait for the other ranks to release their shards, then merge
+            return merge_run(plan, cfg, blocking=True)
+        return (merge_run(plan, cfg, blocking=False, complete_only=True) if group is None else None) or \
+            _shard_payload(plan, shard, todo, merger="rank 0" if group is not None else None)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def merge_run(plan: Plan, cfg, blocking: bool = False, complete_only: bool = False) -> dict | None:
+    """Merge the shards of the run directory and write its summary, once no shard is being written (``blocking``:
+    wait for them). None when a shard is still being written, or with ``complete_only`` while samples are missing.
+    ShardMismatch (a ValueError) when the shards come from different configurations."""
+    lock = RunDirectoryLock(plan.output_dir)
+    try:
+        lock.acquire(blocking=blocking)
+    except RunDirectoryBusy:
+        return None
+    with lock:
+        if complete_only:
+            recorded = {record["id"] for record in read_records(plan.output_dir)}
+            if any(_sample_id(plan.dataset, i) not in recorded for i in plan.indices):
+                return None
+        merge_shards(plan.output_dir)
+        return finish_run(plan, cfg, sink=_make_sink(plan, cfg), log_samples=True)
+
+
+def finish_run(plan: Plan, cfg, sink=None, log_samples: bool = False) -> dict:
+    """The summary of the whole run directory: ``summary.json``, the printed table, the W&B summary (``log_samples``:
+    the W&B run also gets every record, for a run whose samples were written by shards)."""
+    labels = list(plan.methods)
     records = read_records(plan.output_dir)
     summary = summarize(records, labels, plan.dataset.scorer, plan.baseline_label)
     if sink is not None:
+        if log_samples:
+            for record in records:
+                sink.log_sample(record, labels)
         sink.finish(records, summary, labels)
     errors = error_kinds(records)
     payload = {"model": plan.model["name"], "dataset": plan.dataset.name, "samples": len(plan.indices),
@@ -292,23 +400,46 @@ def run_benchmark(cfg: DictConfig, plan: Plan | None = None) -> dict:
     return payload
 
 
-def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int], labels: list[str], sink) -> None:
-    vlm = load_vlm(plan.model)
+def _shard_payload(plan: Plan, shard: Shard, ran: list[int], merger: str | None = None) -> dict:
+    """What a shard that did not merge the run reports: its own samples of this invocation."""
+    mine = {_sample_id(plan.dataset, i) for i in ran}
+    everything = read_records(plan.output_dir)
+    records = [record for record in everything if record["id"] in mine]
+    how = f"{merger} merges the shards" if merger else (f"the shards merge when the last one finishes (or: python -m "
+                                                         f"tokenprune.merge {plan.output_dir})")
+    print(f"tokenprune: shard {shard.index} of {shard.count} ran {len(ran)} samples; the run directory holds "
+          f"{len(everything)} of {len(plan.indices)}; {how}", flush=True)
+    return {"model": plan.model["name"], "dataset": plan.dataset.name, "samples": len(ran), "shard": shard.name,
+            "scored": _scored_samples(records), "errors_by_kind": error_kinds(records), "merged": False}
+
+
+def _write_config(run_dir: Path, cfg) -> None:
+    """``config.yaml`` (written beside it and renamed: shards of a run write it at the same time)."""
+    partial = run_dir / f".config.yaml.{os.getpid()}"
+    partial.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    partial.replace(run_dir / "config.yaml")
+
+
+def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int], labels: list[str], sink,
+                 device: str | None = None, show_progress: bool = True) -> None:
+    vlm = load_vlm(plan.model if device is None else {**plan.model, "device": device})
     # The model's objects never become garbage: move them out of the collector's sight, so the per-sample
     # collection (which frees cyclic garbage left by a failed or finished generation) stays cheap.
     gc.collect()
     gc.freeze()
     eos = end_of_turn_ids(vlm) or None
+    baselines = BaselineCache(plan.baseline_cache, vlm, plan, eos) if plan.baseline_cache is not None else None
     main_label = labels[1] if plan.paired and len(labels) > 1 else labels[0]
     running = {"correct": 0.0, "n": 0}
     for record in done.values():
         _update_running(running, record, main_label)
-    finished = len(plan.indices) - len(todo)
-    progress = _progress(cfg, total=len(plan.indices), initial=finished)
+    total = len(plan.indices) if store.shard is None else len(todo)  # a shard counts its own share
+    finished = total - len(todo)
+    progress = _progress(cfg, total=total, initial=finished, show=show_progress)
     try:
         for index in todo:
             _seed_everything(plan.seed)  # each sample sees the same random state, whatever ran before it
-            record = run_sample(vlm, plan, index, eos)
+            record = run_sample(vlm, plan, index, eos, baselines)
             store.append(record)
             finished += 1
             _update_running(running, record, main_label)
@@ -319,7 +450,7 @@ def _run_samples(plan: Plan, cfg, store: ResultStore, done: dict, todo: list[int
                 progress.set_postfix_str(f"{main_label} acc {100 * running['correct'] / running['n']:.1f}%")
             release_memory()
     except KeyboardInterrupt as interrupt:
-        raise RunInterrupted(finished, len(plan.indices), plan.output_dir) from interrupt
+        raise RunInterrupted(finished, total, plan.output_dir) from interrupt
     finally:
         progress.close()
         gc.unfreeze()
@@ -358,7 +489,7 @@ def load_vlm(model: dict):
     vlm = load_model(model["name"], path=model.get("path"), weights=model.get("weights", "pretrained"),
                      dtype=model.get("dtype", "float32"), device=model.get("device", "auto"),
                      attn_implementation=model.get("attn_implementation", "sdpa"), seed=model.get("seed", 0),
-                     options=model_options(model))
+                     options=model_options(model), device_map=model.get("device_map"))
     if model.get("processor") and model.get("path"):
         from transformers import AutoProcessor
 
@@ -373,7 +504,7 @@ def _sample_id(dataset, index: int) -> str:
         return f"index-{index}"
 
 
-def run_sample(vlm, plan: Plan, index: int, eos) -> dict:
+def run_sample(vlm, plan: Plan, index: int, eos, baselines: BaselineCache | None = None) -> dict:
     """Prepare one sample and run every method on it; never raises for a bad sample."""
     record = {"index": index, "id": f"index-{index}", "question": None, "answer": None, "meta": {}, "error": None,
               "runs": {}}
@@ -388,7 +519,10 @@ def run_sample(vlm, plan: Plan, index: int, eos) -> dict:
         log.warning("sample %s: %s", record["id"], record["error"])
         return record
     for label, method in plan.methods.items():
-        record["runs"][label] = run_method(vlm, inputs, method, sample, plan, eos)
+        if baselines is not None and method.is_noop:  # the unpruned run, shared with other runs of the same inputs
+            record["runs"][label] = baselines.run(inputs, sample, lambda: run_method(vlm, inputs, method, sample, plan, eos))
+        else:
+            record["runs"][label] = run_method(vlm, inputs, method, sample, plan, eos)
     del inputs
     return record
 
@@ -429,10 +563,10 @@ def _update_running(running: dict, record: dict, label: str) -> None:
         running["n"] += 1
 
 
-def _progress(cfg, total: int, initial: int):
+def _progress(cfg, total: int, initial: int, show: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="samples", disable=not cfg.run.get("progress", True),
+    return tqdm(total=total, initial=initial, desc="samples", disable=not (show and cfg.run.get("progress", True)),
                 dynamic_ncols=True)
 
 

@@ -1,5 +1,6 @@
 """Hydra multirun: check every job's configuration before the first job starts (on Slurm: before anything is
-queued), and print one combined table of all jobs at the end — the same tables ``python -m tokenprune.report
+queued), merge the shards of any run directory still unmerged (``run.shards``), and print one combined table of
+all jobs at the end — the same tables ``python -m tokenprune.report
 <sweep dir>`` gives.
 
 Registered in ``conf/config.yaml`` under ``hydra.callbacks``. The jobs are expanded as Hydra's basic sweeper
@@ -69,9 +70,15 @@ class SweepCallback(Callback):
             print(f"tokenprune: the configurations of all {count} sweep jobs are valid", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .merge import merge_directory, unmerged
         from .report import tables
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        for run_dir in unmerged([sweep_dir]) if sweep_dir.exists() else []:  # shards the last shard left unmerged
+            try:
+                merge_directory(run_dir)
+            except Exception as error:  # a shard failed or is still running: the tables say what is there
+                print(f"tokenprune: {run_dir} not merged: {error}", file=sys.stderr)
         try:
             text = tables([sweep_dir])
         except FileNotFoundError:
