@@ -232,7 +232,7 @@ class ModelInfo:
     """What a method may check its fields against before any model work (filled by the model family)."""
 
     num_layers: int
-    rope: str = ""  # the family's name of its RoPE kind ("1d", "mrope"): for messages; decide on the capabilities
+    rope: str = ""  # the family's name of its RoPE kind, for messages only: methods decide on the capabilities
     hidden_size: int = 0
     family: str = ""
     reindex_positions: bool = False  # capability: contiguous re-indexing of the survivors' positions is defined

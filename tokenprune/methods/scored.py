@@ -25,6 +25,8 @@ and how many rows survive; the base does the top-k, the ties and the reduction.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from .base import Method, PrefillStep, Reduction, topk_rows
@@ -32,18 +34,18 @@ from .base import Method, PrefillStep, Reduction, topk_rows
 POOLS = ("visual", "group")
 
 
-class ScoredMethod(Method):
+class ScoredMethod(Method, ABC):
     """Base of the methods that keep the top-``count`` visual rows by a ``score`` (see the module docstring)."""
 
     pool: str = "visual"  # class attribute: "visual" (one top-k) or "group" (one per visual group)
 
+    @abstractmethod
     def score(self, step: PrefillStep) -> torch.Tensor:
         """``[n_visual]`` scores of the current visual rows (``step.layout.visual_rows()`` order); higher = kept."""
-        raise NotImplementedError(f"{type(self).__name__} must define score(step)")
 
+    @abstractmethod
     def count(self, step: PrefillStep, num_rows: int) -> int:
         """Rows kept out of a pool of ``num_rows`` current visual rows."""
-        raise NotImplementedError(f"{type(self).__name__} must define count(step, num_rows)")
 
     def reduction_fields(self, step: PrefillStep) -> dict:
         """Extra fields of the ``Reduction`` (default: none)."""
