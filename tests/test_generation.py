@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenprune as tp
+from tokenprune.methods.base import resolve_positions
 from conftest import make_sample, stock_logits, tiny_vlm
 from helpers import Replay, batched_inputs, forced_choice, forced_generation, prompt_so_far
 from tokenprune.engine.compat import cache_kwargs, output_cache
@@ -30,7 +31,7 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, name, f
     out, report = _generate(vlm, inputs, name, fields)
     prompt_length = inputs["input_ids"].shape[1]
     method = tp.methods.create(name, **fields)
-    reindex = getattr(method, "reindexes", lambda defined: False)(vlm.info().reindex_positions)  # PDrop's positions
+    reindex = name == "pdrop" and resolve_positions(name, method.positions, "reindex", vlm.info()) == "reindex"
     replay = Replay(kept=report.kept, reindex=reindex)
     for step in range(NEW_TOKENS):
         extended = prompt_so_far(inputs, out.sequences, step)
