@@ -411,7 +411,7 @@ def main(argv=None) -> dict:
 MEASURED = ("prefill_ms", "prefill_ms_all", "overhead_ms", "peak_bytes", "extra_peak_bytes", "memory_kind", "decode_ms",
             "decode_stock_ms", "wall_s", "vision_ms", "ideal_ms", "prefill_vs_ideal", "overhead_pct", "decode_vs_stock",
             "ttft_ms", "ttft_ideal_ms", "speedup", "ideal_speedup", "ttft_speedup", "ttft_speedup_bound",
-            "peak_vs_baseline", "extra_peak_vs_baseline")
+            "peak_vs_baseline", "extra_peak_vs_baseline", "pre_llm_ms")
 
 
 @source("speed_cpu", volatile=MEASURED)
