@@ -258,7 +258,7 @@ def test_the_runner_prepares_downsample_its_own_way():
     vlm = tiny_vlm("tiny_qwen25vl")
     sample = make_sample(76)
     scorer = SimpleNamespace(score=lambda prediction, sample: 1.0)
-    plan = SimpleNamespace(max_new_tokens=2, dataset=SimpleNamespace(scorer=scorer))
+    plan = SimpleNamespace(max_new_tokens=2, dataset=SimpleNamespace(scorer=scorer, stop=[]))  # a Dataset has stop strings
     run = run_method(vlm, vlm.prepare(sample), Downsample(budget=0.25), sample, plan, eos=None)
     assert run["error"] is None
     assert (run["visual_tokens"], run["visual_tokens_original"]) == (9, 36)
