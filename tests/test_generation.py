@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.methods.base import resolve_positions
 from conftest import make_sample, stock_logits, tiny_vlm
 from helpers import Replay, batched_inputs, forced_choice, forced_generation, prompt_so_far
 from tokenprune.engine.compat import cache_kwargs, output_cache
 from tokenprune.engine.driver import PruningInputError
+from tokenprune.methods.base import resolve_positions
+from tokenprune.methods.pdrop import OFFICIAL_POSITIONS, PDrop
 
 METHODS = [
     ("fastv", {"layer": 2, "keep_ratio": 0.25}),
@@ -31,7 +32,9 @@ def test_cached_generation_equals_recomputing_the_pruned_prefill(family, name, f
     out, report = _generate(vlm, inputs, name, fields)
     prompt_length = inputs["input_ids"].shape[1]
     method = tp.methods.create(name, **fields)
-    reindex = name == "pdrop" and resolve_positions(name, method.positions, "reindex", vlm.info()) == "reindex"
+    # PDrop (scored base, issue 18) re-numbers positions where its positions rule resolves to reindex: LLaVA by default
+    reindex = isinstance(method, PDrop) and \
+        resolve_positions(name, method.positions, OFFICIAL_POSITIONS, vlm.info()) == "reindex"
     replay = Replay(kept=report.kept, reindex=reindex)
     for step in range(NEW_TOKENS):
         extended = prompt_so_far(inputs, out.sequences, step)
