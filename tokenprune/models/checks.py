@@ -145,13 +145,19 @@ def available_bytes(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as handle:
-                for line in handle:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        return proc_kib_bytes("/proc/meminfo", "MemAvailable")
+    return None
+
+
+def proc_kib_bytes(path: str, key: str) -> int | None:
+    """Bytes of a ``key: <n> kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``), or None."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
     return None
 
 

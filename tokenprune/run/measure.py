@@ -29,6 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..engine.apply import apply
 from ..engine.compat import output_cache
 from ..engine.flops import all_conventions
+from ..models.checks import proc_kib_bytes
 
 
 class Clock:
@@ -124,14 +125,7 @@ def peak_rss_reset() -> bool:
 
 
 def peak_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_kib_bytes("/proc/self/status", "VmHWM")
 
 
 def current_rss_bytes() -> int:
